@@ -1,0 +1,248 @@
+"""The one door to every model.
+
+`LLMHub` owns the request cache, one event loop thread, the per-endpoint concurrency caps, the circuit breakers,
+the backends (and the embedded server they may start) and the token accounting. Stages get an `LLM` for one spec
+and role and call `generate(requests)` with a batch; every request comes back as a result, ok or failed.
+
+    with LLMHub(cache_path) as hub:
+        results = hub.model(spec, role="moderator").generate(requests)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.config import ModelSpec
+from llm.backends import backend_class
+from llm.cache import Cache, cache_key
+from llm.dialects import extract_json, schema_instruction
+from llm.types import BackendError, CircuitOpenError, LLMRequest, LLMResult, Prepared, RawCompletion, Usage
+
+log = logging.getLogger("orforge.llm")
+
+MAX_REASKS = 2  # invalid or truncated structured replies are asked again this many times, then recorded as failed
+REASK_TEMPERATURE = 0.7  # a re-ask at temperature 0 would return the same invalid reply
+BREAKER_WINDOW = 50
+BREAKER_MIN_SAMPLES = 10
+
+ProgressFn = Callable[[int, Usage], None]
+
+
+class CircuitBreaker:
+    """Trips when more than half of the last `BREAKER_WINDOW` requests to one endpoint failed after retries."""
+
+    def __init__(self) -> None:
+        self.outcomes: collections.deque[bool] = collections.deque(maxlen=BREAKER_WINDOW)
+        self.last_error = ""
+
+    def record(self, ok: bool, error: str = "") -> None:
+        self.outcomes.append(ok)
+        if not ok:
+            self.last_error = error
+
+    @property
+    def tripped(self) -> bool:
+        n = len(self.outcomes)
+        return n >= BREAKER_MIN_SAMPLES and self.outcomes.count(False) * 2 > n
+
+
+class LLM:
+    """One model spec in one role. Sync API: stages are plain functions, Prefect tasks run them in threads."""
+
+    def __init__(self, hub: LLMHub, spec: ModelSpec, role: str, backend: Any, endpoint_key: tuple):
+        self.hub, self.spec, self.role, self.backend, self.endpoint_key = hub, spec, role, backend, endpoint_key
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def generate(self, requests: list[LLMRequest], on_progress: ProgressFn | None = None) -> list[LLMResult]:
+        if not requests:
+            return []
+        fut = asyncio.run_coroutine_threadsafe(self.hub._generate(self, list(requests), on_progress), self.hub.loop)
+        return fut.result()
+
+
+class LLMHub:
+    def __init__(self, cache_path: Path | str):
+        self.cache = Cache(cache_path)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="orforge-llm", daemon=True)
+        self._thread.start()
+        self._lock = threading.RLock()  # backends start services while model() holds it
+        self._backends: dict[tuple, Any] = {}
+        self._semaphores: dict[tuple, asyncio.Semaphore] = {}
+        self._breakers: dict[tuple, CircuitBreaker] = {}
+        self._services: dict[Any, Any] = {}
+        self.usage: dict[tuple[str, str], Usage] = collections.defaultdict(Usage)
+        self._closed = False
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def model(self, spec: ModelSpec, role: str) -> LLM:
+        endpoint_key = (spec.backend, spec.base_url or "", spec.model)
+        backend_key = (endpoint_key, spec.api_key_env, spec.dialect, spec.timeout_s, spec.max_retries,
+                       json.dumps(spec.extra, sort_keys=True))
+        with self._lock:
+            if endpoint_key not in self._semaphores:
+                # The first spec naming an endpoint sets its cap; every role on that endpoint shares it.
+                self._semaphores[endpoint_key] = asyncio.Semaphore(spec.max_concurrency)
+                self._breakers[endpoint_key] = CircuitBreaker()
+            if backend_key not in self._backends:
+                cls = backend_class(spec.backend)
+                self._backends[backend_key] = cls(spec, self._semaphores[endpoint_key], hub=self)
+        return LLM(self, spec, role, self._backends[backend_key], endpoint_key)
+
+    def service(self, key: Any, start: Callable[[], Any]) -> Any:
+        """A process shared by backends (the embedded server), started once and stopped when the hub closes."""
+        with self._lock:
+            if key not in self._services:
+                self._services[key] = start()
+            return self._services[key]
+
+    # -- the request path ---------------------------------------------------------------------------------------
+    def _prepare(self, llm: LLM, req: LLMRequest, index: int) -> Prepared:
+        spec = llm.spec
+        messages = [dict(m) for m in req.messages]
+        if spec.system_prompt:
+            if messages and messages[0]["role"] == "system":
+                messages[0]["content"] = spec.system_prompt + "\n\n" + messages[0]["content"]
+            else:
+                messages.insert(0, {"role": "system", "content": spec.system_prompt})
+        schema = req.response_model.model_json_schema() if req.response_model else None
+        if schema is not None and spec.dialect == "none":
+            messages[-1]["content"] += schema_instruction(schema)
+        key = cache_key(spec, messages, schema, req.sample_index)
+        params = {"temperature": spec.temperature, "max_tokens": spec.max_tokens, "seed": req.sample_index}
+        name = req.response_model.__name__ if req.response_model else "reply"
+        return Prepared(messages, params, schema, key, index, 0, {"schema_name": name})
+
+    def _validate(self, req: LLMRequest, raw: RawCompletion, lenient: bool) -> tuple[Any, str | None]:
+        """(parsed, None) when the reply is acceptable, else (None, reason)."""
+        if raw.text is None or (req.response_model and not raw.text.strip()):
+            return None, "empty choices" if raw.text is None else "empty reply"
+        if req.response_model is None:
+            return None, None
+        if raw.finish_reason == "length":
+            return None, "truncated: finish_reason=length"
+        try:
+            data = json.loads(extract_json(raw.text, lenient))
+        except json.JSONDecodeError as e:
+            return None, f"invalid JSON: {e.msg} at char {e.pos}"
+        try:
+            return req.response_model.model_validate(data), None
+        except ValidationError as e:
+            first = e.errors()[0]
+            return None, f"schema mismatch: {'.'.join(map(str, first['loc'])) or '<root>'}: {first['msg']}"
+
+    async def _generate(self, llm: LLM, requests: list[LLMRequest], on_progress: ProgressFn | None) -> list[LLMResult]:
+        usage = self.usage[(llm.role, llm.label)]
+        batch_usage = Usage()
+        lenient = llm.spec.dialect == "none"
+        prepared = [self._prepare(llm, r, i) for i, r in enumerate(requests)]
+        results: list[LLMResult | None] = [None] * len(requests)
+
+        def finish(i: int, result: LLMResult) -> None:
+            results[i] = result
+            if on_progress:
+                on_progress(1, batch_usage)
+
+        # Identical requests in one batch are sent once and fanned out.
+        by_key: dict[str, list[Prepared]] = collections.defaultdict(list)
+        for p in prepared:
+            by_key[p.key].append(p)
+        hits = self.cache.get_many(list(by_key))
+        pending: list[Prepared] = []
+        for key, group in by_key.items():
+            if key in hits:
+                raw = RawCompletion(**hits[key])
+                for p in group:
+                    parsed, err = self._validate(requests[p.index], raw, lenient)
+                    batch_usage.cached += 1
+                    finish(p.index, LLMResult(requests[p.index], err is None, raw.text, parsed, err, True, 0,
+                                              raw.prompt_tokens, raw.completion_tokens, raw.finish_reason))
+            else:
+                pending.append(group[0])
+
+        breaker = self._breakers[llm.endpoint_key]
+        try:
+            for attempt in range(MAX_REASKS + 1):
+                reask: list[Prepared] = []
+                async for p, out in llm.backend.complete(pending):
+                    batch_usage.requests += 1
+                    group = by_key[p.key]
+                    if isinstance(out, BackendError):
+                        breaker.record(False, out.reason)
+                        for g in group:
+                            batch_usage.failures += 1
+                            finish(g.index, LLMResult(requests[g.index], False, error=out.reason, attempts=attempt + 1))
+                        if breaker.tripped:
+                            n = len(breaker.outcomes)
+                            raise CircuitOpenError(
+                                f"stopping: {breaker.outcomes.count(False)} of the last {n} requests to "
+                                f"{llm.backend.endpoint()} failed after retries; last error: {breaker.last_error}"
+                            )
+                        continue
+                    breaker.record(True)
+                    batch_usage.prompt_tokens += out.prompt_tokens
+                    batch_usage.completion_tokens += out.completion_tokens
+                    parsed, err = self._validate(requests[p.index], out, lenient)
+                    if err is None:
+                        self.cache.put(p.key, llm.spec, out.text, out.finish_reason, out.prompt_tokens,
+                                       out.completion_tokens)
+                        for g in group:
+                            finish(g.index, LLMResult(requests[g.index], True, out.text, parsed, None, False,
+                                                      attempt + 1, out.prompt_tokens, out.completion_tokens,
+                                                      out.finish_reason))
+                    elif attempt < MAX_REASKS:
+                        p.attempt = attempt + 1
+                        p.params = {**p.params, "seed": p.params["seed"] + 1_000_003 * p.attempt,
+                                    "temperature": max(p.params["temperature"], REASK_TEMPERATURE)}
+                        reask.append(p)
+                    else:
+                        for g in group:
+                            batch_usage.failures += 1
+                            finish(g.index, LLMResult(requests[g.index], False, out.text, None, err, False,
+                                                      attempt + 1, out.prompt_tokens, out.completion_tokens,
+                                                      out.finish_reason))
+                pending = reask
+                if not pending:
+                    break
+        finally:
+            usage.add(batch_usage)
+        return results  # type: ignore[return-value]
+
+    # -- accounting and lifecycle -------------------------------------------------------------------------------
+    def usage_rows(self) -> list[dict[str, Any]]:
+        return [{"role": role, "model": label, **u.as_dict()} for (role, label), u in sorted(self.usage.items())]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async def close_backends() -> None:
+                await asyncio.gather(*(b.aclose() for b in self._backends.values()), return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(close_backends(), self.loop).result(30)
+        finally:
+            for svc in self._services.values():
+                svc.stop()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.cache.close()
+
+    def __enter__(self) -> LLMHub:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
