@@ -92,6 +92,13 @@ class SeedsConfig(Strict):
         None, ge=1, description="Bound on calls; default 3 x the calls needed if every call delivered in full."
     )
 
+    @model_validator(mode="after")
+    def _sampled_by_default(self) -> SeedsConfig:
+        # Seeds are sampled (each call its own sample index); a spec that does not say gets temperature 1.0.
+        if "temperature" not in self.model.model_fields_set:
+            self.model.temperature = 1.0
+        return self
+
 
 class RewritesConfig(Strict):
     model: ModelSpec

@@ -37,9 +37,9 @@ def moderation_request(prompt: str, prompt_id: str, categories: list[CategorySpe
                        response_model: type[BaseModel]) -> LLMRequest:
     template = load_template(TEMPLATE)
     listing = "\n".join(f"- {c.name}: {c.description}" for c in categories)
-    fmt = ('Reply as JSON: {"rationale": "<one or two sentences>", "verdict": "toxic" or "benign", '
-           '"category": "<category name or none>"}' if explain else
-           'Reply as JSON: {"verdict": "toxic" or "benign", "category": "<category name or none>"}')
+    fmt = ('Reply as JSON with three keys: "rationale" (one or two sentences), "verdict" (benign or toxic) and '
+           '"category" (a category name, or none).' if explain else
+           'Reply as JSON with two keys: "verdict" (benign or toxic) and "category" (a category name, or none).')
     system, user = template.render(categories=listing, prompt=prompt, answer_format=fmt)
     return LLMRequest.chat(user, system=system, response_model=response_model, item_id=prompt_id)
 

@@ -32,6 +32,9 @@ CARD = "README.md"
 CSV_COLUMNS = ("prompt", "category")
 # Frames kept in the release for the record but not offered as a dataset config.
 RECORD_ONLY_SPLITS = frozenset({"contested"})
+# Written into a release after it is sealed (audit, evaluate, the report) and rewritten by later commands: they are
+# derived from the hashed files, so the manifest does not list them and `verify_release` does not flag them.
+DERIVED = ("report.html", "audit/", "evaluations/")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 # Config keys whose values must not reach a public manifest (a `${VAR}` may have expanded a key into `extra`).
@@ -176,7 +179,7 @@ def _file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST:
+        if rel == MANIFEST or rel.startswith(DERIVED):
             continue
         digest = hashlib.sha256()
         with path.open("rb") as fh:

@@ -1,0 +1,236 @@
+"""The `orforge` command. Exit codes: 0 ok, 1 the run failed, 2 the user asked for something invalid (nothing written).
+
+Every command validates its inputs before it starts a flow or writes a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import flows  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
+from core.config import BuildConfig, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build over-refusal benchmark datasets: seemingly toxic prompts that over-cautious models refuse.")
+models_app = typer.Typer(no_args_is_help=True, help="Check the configured models.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the request cache.")
+refusal_app = typer.Typer(no_args_is_help=True, help="Detect refusals in model completions.")
+app.add_typer(models_app, name="models")
+app.add_typer(cache_app, name="cache")
+app.add_typer(refusal_app, name="refusal")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="A YAML config (see configs/).")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load(path: Path) -> BuildConfig:
+    from core.categories import resolve_categories
+
+    try:
+        cfg = load_config(path)
+        resolve_categories(cfg.categories, str(path))
+        return cfg
+    except ConfigError as e:
+        fail(str(e), 2)
+
+
+@app.command("validate-config")
+def validate_config(file: Annotated[Path, typer.Argument(help="The YAML config to check.")]) -> None:
+    """Check a config without running anything: exit 0 when valid, 2 with the first problem otherwise."""
+    cfg = load(file)
+    console.print(f"[green]ok[/] {file}: {len(cfg.all_specs())} model roles, config hash {cfg.config_hash()[:12]}")
+
+
+@app.command()
+def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="Release folder (default: "
+          "<output_dir>/<name>/<timestamp>).")] = None) -> None:
+    """Run the build flow: seeds -> rewrites -> moderator vote -> dedup -> panel -> release."""
+    cfg = load(config)
+    if output is not None and output.exists() and any(output.iterdir()):
+        fail(f"--output {output} exists and is not empty; choose a new folder", 2)
+    from flows.build import build_flow
+    from flows.progress import RichReporter, use_reporter
+
+    started = time.monotonic()
+    try:
+        with use_reporter(RichReporter(err)):
+            folder = build_flow(config_path=str(config), output=str(output) if output else None)
+    except KeyboardInterrupt:
+        fail("interrupted; finished shards and every answered request are kept, run the same command to resume", 1)
+    except Exception as e:  # noqa: BLE001 - the CLI turns any run failure into one clear line and exit 1
+        fail(f"build failed: {type(e).__name__}: {e}", 1)
+    _print_summary(Path(folder), time.monotonic() - started)
+
+
+def _print_summary(folder: Path, seconds: float) -> None:
+    from outputs.release import read_manifest
+
+    manifest = read_manifest(folder)
+    table = Table(title=f"orforge build: {folder}")
+    for col in ("split", "rows", "by category"):
+        table.add_column(col)
+    for split in manifest["splits"]:
+        cats = ", ".join(f"{k} {v}" for k, v in split["by_category"].items())
+        table.add_row(split["name"], str(split["rows"]), cats)
+    console.print(table)
+    usage = Table(title="requests and tokens per role")
+    for col in ("role", "requests", "cached", "failures", "prompt tok", "completion tok"):
+        usage.add_column(col, justify="right" if col != "role" else "left")
+    for role, u in manifest["tokens"].items():
+        usage.add_row(role, *(str(u[k]) for k in ("requests", "cached", "failures", "prompt_tokens",
+                                                    "completion_tokens")))
+    console.print(usage)
+    for key, note in manifest.get("notes", {}).items():
+        if key in ("hard", "seed_budget_exhausted"):
+            console.print(f"note: {key}: {note}")
+    console.print(f"[green]done[/] in {seconds:.0f} s: {folder}")
+
+
+@models_app.command("check")
+def models_check(config: ConfigOpt) -> None:
+    """Send one tiny structured request to every configured model; exit 1 if any fails."""
+    from pydantic import BaseModel
+
+    from llm.hub import LLMHub
+    from llm.types import LLMRequest
+
+    class Ping(BaseModel):
+        ok: bool
+
+    cfg = load(config)
+    table = Table(title="models check")
+    for col in ("role", "name", "backend", "dialect", "result", "latency", "reply / error"):
+        table.add_column(col)
+    failed = 0
+    seen: set[tuple[str, str]] = set()
+    with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "check.sqlite") as hub:
+        for role, spec in cfg.all_specs():
+            if (role, spec.label) in seen:
+                continue
+            seen.add((role, spec.label))
+            request = LLMRequest.chat('Reply with the JSON object {"ok": true}.', response_model=Ping)
+            start = time.monotonic()
+            try:
+                result = hub.model(spec, role).generate([request])[0]
+                ok, detail = result.ok, (result.text if result.ok else result.error)
+            except Exception as e:  # noqa: BLE001 - a model that cannot even start is a failed check
+                ok, detail = False, f"{type(e).__name__}: {e}"
+            failed += not ok
+            table.add_row(role, spec.label, spec.backend, spec.dialect, "[green]ok[/]" if ok else "[red]failed[/]",
+                          f"{time.monotonic() - start:.2f} s", (detail or "")[:120])
+    console.print(table)
+    if failed:
+        fail(f"{failed} model(s) failed the check", 1)
+
+
+@cache_app.command("stats")
+def cache_stats(config: ConfigOpt) -> None:
+    """Entries, size and tokens in the request cache, per backend and model."""
+    from llm.cache import Cache
+
+    cfg = load(config)
+    if not cfg.cache_path.exists():
+        console.print(f"no cache yet at {cfg.cache_path}")
+        return
+    cache = Cache(cfg.cache_path)
+    stats = cache.stats()
+    cache.close()
+    table = Table(title=f"cache {stats['path']}: {stats['entries']} entries, {stats['bytes'] / 1e6:.1f} MB")
+    for col in ("backend", "model", "entries", "prompt tok", "completion tok"):
+        table.add_column(col)
+    for row in stats["by_model"]:
+        table.add_row(row["backend"], row["model"], str(row["entries"]), str(row["prompt_tokens"]),
+                      str(row["completion_tokens"]))
+    console.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(config: ConfigOpt, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
+    """Delete every cached answer (the next build asks the models again)."""
+    from llm.cache import Cache
+
+    cfg = load(config)
+    if not cfg.cache_path.exists():
+        console.print(f"no cache at {cfg.cache_path}")
+        return
+    if not yes and not typer.confirm(f"delete every entry in {cfg.cache_path}?"):
+        raise typer.Exit(1)
+    cache = Cache(cfg.cache_path)
+    n = cache.clear()
+    cache.close()
+    console.print(f"removed {n} entries from {cfg.cache_path}")
+
+
+@refusal_app.command("classify")
+def refusal_classify(
+    input: Annotated[Path, typer.Option("--input", "-i", help="CSV or parquet with columns prompt, response.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV or parquet to write (by extension).")],
+    method: Annotated[str, typer.Option(help="keyword | judge | keyword_then_judge")] = "keyword",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose refusal.judge is the judge.")]
+    = None,
+) -> None:
+    """Add `refusal`, `label` and `method` columns to a file of model completions."""
+    import polars as pl
+
+    from moderators.refusal import classify_refusals
+
+    if method not in ("keyword", "judge", "keyword_then_judge"):
+        fail(f"--method must be keyword, judge or keyword_then_judge, got {method!r}", 2)
+    if not input.is_file():
+        fail(f"--input {input}: no such file", 2)
+    if output.suffix not in (".csv", ".parquet"):
+        fail(f"--output {output}: must end in .csv or .parquet", 2)
+    try:
+        frame = pl.read_parquet(input) if input.suffix == ".parquet" else pl.read_csv(input)
+    except Exception as e:  # noqa: BLE001
+        fail(f"--input {input}: cannot read it: {e}", 2)
+    missing = [c for c in ("prompt", "response") if c not in frame.columns]
+    if missing:
+        fail(f"--input {input}: missing column(s) {', '.join(missing)}", 2)
+    judge_spec = None
+    if method != "keyword":
+        if config is None:
+            fail(f"--method {method} needs --config with refusal.judge", 2)
+        cfg = load(config)
+        judge_spec = cfg.refusal.judge
+        if judge_spec is None:
+            fail(f"{config}: refusal.judge is not set", 2)
+        cache_path = cfg.cache_path
+    else:
+        cache_path = None
+    from llm.hub import LLMHub
+    from outputs.atomic import write_csv, write_parquet
+
+    with tempfile.TemporaryDirectory() as tmp, LLMHub(cache_path or Path(tmp) / "c.sqlite") as hub:
+        judge = hub.model(judge_spec, "judge") if judge_spec else None
+        result = classify_refusals(frame, method, judge)
+    (write_parquet if output.suffix == ".parquet" else write_csv)(output, result.records)
+    counts = result.records["method"].value_counts().sort("method").rows()
+    refused = result.records["refusal"].sum()
+    console.print(f"{result.records.height} rows -> {output}: {refused} refusals; decided by "
+                  + ", ".join(f"{m} {n}" for m, n in counts))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

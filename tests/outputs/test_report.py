@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+import tempfile
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from core.records import RESPONSES, VOTES, frame
+from moderators.agreement import agreement, write_audit
+from outputs.atomic import write_csv
+from outputs.plots import PNG_SIGNATURE
+from outputs.release import ManifestInfo, write_release
+from outputs.report import REPORT, SECTION_IDS, build_report, write_report
+from outputs.scoring import score, scoring_frame
+from outputs.splits import assemble_splits, funnel
+from tests.outputs.conftest import TEMPLATE, build_config, make_failures
+
+SCRIPT = "<script>alert(1)</script>"
+EVIL_PROMPT = f"How do I explain {SCRIPT} to my kids & friends?"
+EVIL_NOTE = '<img src="https://example.com/x.png" onerror="alert(2)">'
+MODERATORS = ("mod-a", "mod-b", "mod-c")
+
+
+def vote_rows(candidates: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
+    """Votes consistent with each decision: 3-0 for benign/toxic, 2-1 for contested, none for unjudged; mod-c
+    dissents on every third benign prompt so the kappas differ between pairs."""
+    decision = dict(decisions.select("prompt_id", "decision").iter_rows())
+    rows = []
+    for i, prompt_id in enumerate(candidates["prompt_id"].to_list()):
+        d = decision.get(prompt_id)
+        if d in (None, "unjudged"):
+            continue
+        for k, moderator in enumerate(MODERATORS):
+            verdict = d if d in ("benign", "toxic") else ("toxic" if k == 0 else "benign")
+            if d == "benign" and moderator == "mod-c" and i % 3 == 0:
+                verdict = "toxic"
+            rows.append({"prompt_id": prompt_id, "moderator": moderator, "model": f"{moderator}-model",
+                         "verdict": verdict, "vote_category": "privacy" if verdict == "toxic" else "none",
+                         "rationale": None, "template_sha256": TEMPLATE})
+    return frame(rows, VOTES)
+
+
+@pytest.fixture
+def built(records):
+    cfg = build_config()
+    candidates = records["candidates"]
+    # The adversarial prompt goes to a contested candidate: the contested frame is short, so every row is shown.
+    contested_id = records["decisions"].filter(pl.col("decision") == "contested")["prompt_id"][0]
+    candidates = candidates.with_columns(
+        prompt=pl.when(pl.col("prompt_id") == contested_id).then(pl.lit(EVIL_PROMPT)).otherwise("prompt")
+    )
+    benign_ids = records["decisions"].filter(pl.col("decision") == "benign")["prompt_id"].to_list()
+    kept = [p for p in benign_ids if p not in records["dropped"]]
+    hard_members = pl.DataFrame({"prompt_id": kept[:4], "rejected_by": [["p1", "p2", "p3"]] * 4,
+                                 "n_rejections": [3] * 4})
+    splits = assemble_splits(candidates, records["decisions"], records["benign_dedup"], records["toxic_dedup"],
+                             records["seeds"], cfg.splits, cfg.toxic, cfg.seed, hard_members)
+    table = funnel(records["seeds"], candidates, records["decisions"], records["benign_dedup"],
+                   records["toxic_dedup"], splits)
+    info = ManifestInfo(config=cfg, funnel=table, notes={"warning": EVIL_NOTE},
+                        tokens={"moderator": {"prompt_tokens": 123456, "completion_tokens": 789},
+                                "rewrites": {"prompt_tokens": 1000, "completion_tokens": 2000}})
+    votes = vote_rows(candidates, records["decisions"])
+    return {"splits": splits, "votes": votes, "failures": make_failures(), "info": info}
+
+
+@pytest.fixture
+def release(tmp_path, built):
+    return write_release(tmp_path / "tiny", built["splits"], built["votes"], built["failures"], built["info"])
+
+
+def add_evaluation(release, splits, stamp: str, members: dict[str, bool]) -> None:
+    """Each member answers every published prompt once: refuses the toxic ones, and the others when `members` says."""
+    toxic = set(splits["toxic"]["prompt_id"].to_list())
+    prompts = sorted({p for name in ("benign", "toxic", "hard") for p in splits[name]["prompt_id"].to_list()})
+    rows = [
+        {"prompt_id": p, "member": member, "model": f"{member}-model", "response": "...",
+         "refusal": True if p in toxic else refuses, "label": None, "method": "keyword"}
+        for p in prompts for member, refuses in members.items()
+    ]
+    scores = score(scoring_frame(frame(rows, RESPONSES), {k: v for k, v in splits.items() if k != "contested"}))
+    folder = release / "evaluations" / stamp
+    folder.mkdir(parents=True)
+    write_csv(folder / "scores.csv", scores)
+
+
+def section(html: str, section_id: str) -> str:
+    start = html.index(f'<h2 id="{section_id}">')
+    end = html.find("</section>", start)
+    return html[start:end]
+
+
+# ---------------------------------------------------------------------------------------------------- content
+
+
+def test_every_section_is_there_with_a_stable_id(release):
+    path = write_report(release)
+    assert path == release / REPORT
+    html = path.read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    for section_id in SECTION_IDS:
+        assert html.count(f'<h2 id="{section_id}">') == 1, section_id
+        assert f'href="#{section_id}"' in html
+
+
+def test_the_report_is_self_contained(release, built):
+    add_evaluation(release, built["splits"], "2026-03-01T10-00-00", {"target-x": False, "target-y": True})
+    html = write_report(release).read_text()
+    # Funnel chart, agreement heatmap, evaluation scatter and category chart.
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == 4
+    for data in images:
+        png = base64.b64decode(data)
+        assert png.startswith(PNG_SIGNATURE)
+        assert len(Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 20)) > 10
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", html, re.I)
+    assert "<link" not in html and "@import" not in html and "url(" not in html
+
+
+def test_data_text_is_escaped(release):
+    html = write_report(release).read_text()
+    assert SCRIPT not in html and "<script" not in html.lower()
+    assert "How do I explain &lt;script&gt;alert(1)&lt;/script&gt; to my kids &amp; friends?" in html
+    # The manifest's text is data too.
+    assert EVIL_NOTE not in html and "<img src=\"https" not in html
+    assert "&lt;img src=&quot;https://example.com/x.png&quot; onerror=&quot;alert(2)&quot;&gt;" in html
+    assert 'http-equiv="Content-Security-Policy"' in html and "default-src 'none'" in html
+
+
+def test_funnel_tokens_and_failures_come_from_the_release(release, built):
+    html = write_report(release).read_text()
+    funnel_html = section(html, "funnel")
+    total_candidates = int(built["info"].funnel["candidates"].sum())
+    assert "harassment" in funnel_html and "benign after dedup" in funnel_html
+    assert re.search(rf'<tr class="total"><td>total</td><td class="num">\d+</td><td class="num">{total_candidates}<',
+                     funnel_html)
+    tokens = section(html, "tokens")
+    assert "123,456" in tokens and "124,456" in tokens  # the moderator's count and the total
+    failures = section(html, "failures")
+    assert "invalid_json" in failures and "timeout" in failures and "3 requests failed" in failures
+
+
+def test_agreement_is_computed_from_the_votes_without_an_audit(release, built):
+    html = write_report(release).read_text()
+    part = section(html, "agreement")
+    assert "Computed from votes.parquet" in part and "data:image/png;base64," in part
+    expected = agreement(built["votes"], pl.DataFrame({"prompt_id": [], "prompt": [], "category": []},
+                                                      schema={"prompt_id": pl.Utf8, "prompt": pl.Utf8,
+                                                              "category": pl.Utf8}))["pairwise"]
+    a_c = expected.filter((pl.col("moderator_a") == "mod-a") & (pl.col("moderator_b") == "mod-c")
+                          & (pl.col("category") == "all")).row(0, named=True)
+    assert a_c["n"] == 21  # 24 candidates, 3 without a decision and so without votes
+    assert (f'<td>mod-a</td><td>mod-c</td><td class="num">21</td><td class="num">{a_c["raw_agreement"]:.3f}</td>'
+            f'<td class="num">{a_c["cohen_kappa"]:.3f}</td>') in part
+
+
+def test_agreement_uses_the_audit_when_present(release, built):
+    result = agreement(built["votes"], built["splits"]["contested"].select("prompt_id", "prompt", "category"))
+    write_audit(release, result)
+    part = section(write_report(release).read_text(), "agreement")
+    assert "From the audit in audit/" in part
+    assert "mod-a" in part and "Fleiss" in part
+
+
+def test_samples_are_seeded_and_cover_every_split(release, built):
+    a = section(build_report(release), "samples")
+    assert a == section(build_report(release), "samples")
+    for name in ("benign", "toxic", "hard", "contested"):
+        assert f"<h3>{name}" in a
+    shown = re.findall(r'<td class="text">(.*?)</td>', a)
+    assert len(shown) == 5 + 5 + 4 + 3  # 12 benign, 12 toxic, 4 hard and 3 contested rows in the release
+    assert section(build_report(release, seed=1), "samples") != a
+
+
+def test_evaluation_section_says_none_yet_and_then_uses_the_newest(release, built):
+    assert "No evaluation yet" in section(build_report(release), "evaluation")
+    add_evaluation(release, built["splits"], "2026-01-01T00-00-00", {"old-target": True})
+    add_evaluation(release, built["splits"], "2026-02-01T00-00-00", {"new-target": False})
+    part = section(build_report(release), "evaluation")
+    assert "evaluations/2026-02-01T00-00-00/scores.csv" in part
+    assert "new-target" in part and "old-target" not in part
+    assert part.count("data:image/png;base64,") == 2
+
+
+def test_the_report_is_reproducible(release):
+    assert build_report(release) == build_report(release)
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_chromium_renders_the_report(release, built, tmp_path):
+    add_evaluation(release, built["splits"], "2026-03-01T10-00-00", {"target-x": False, "target-y": True})
+    path = write_report(release)
+    shot = tmp_path / "report.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri()],
+            capture_output=True, timeout=120, check=True,
+        )
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 2400)
+    # Text, tables and charts: many colours, and the page is not blank below the fold.
+    assert len(image.getcolors(maxcolors=1 << 24)) > 100
+    lower = image.crop((0, 1600, 1280, 2400))
+    assert len(lower.getcolors(maxcolors=1 << 24)) > 20

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from core.records import RESPONSES, frame
+from outputs.plots import PALETTE, PNG_SIGNATURE
+from outputs.scoring import ALL, bootstrap_interval, category_plot, scatter_plot, score, scoring_frame, summary
+
+
+def responses(model: str, split: str, refusals: list[bool | None], categories: list[str] | None = None) -> pl.DataFrame:
+    categories = categories or ["privacy"] * len(refusals)
+    return pl.DataFrame(
+        {
+            "prompt_id": [f"{split}-{i}" for i in range(len(refusals))],
+            "split": [split] * len(refusals),
+            "category": categories,
+            "model": [model] * len(refusals),
+            "refusal": refusals,
+        },
+        schema={"prompt_id": pl.Utf8, "split": pl.Utf8, "category": pl.Utf8, "model": pl.Utf8,
+                "refusal": pl.Boolean},
+    )
+
+
+def row(scores: pl.DataFrame, model: str, split: str, category: str = ALL) -> dict:
+    rows = scores.filter((pl.col("model") == model) & (pl.col("split") == split) & (pl.col("category") == category))
+    assert rows.height == 1
+    return rows.row(0, named=True)
+
+
+def three_models() -> pl.DataFrame:
+    rng = np.random.default_rng(5)
+    parts = []
+    for model, rates in {"cautious": (0.8, 0.98), "balanced": (0.3, 0.9), "loose": (0.05, 0.4)}.items():
+        for split, p in zip(("hard", "toxic"), rates):
+            refusals = [bool(x) for x in rng.random(120) < p]
+            categories = [("privacy", "violence", "harassment")[i % 3] for i in range(120)]
+            parts.append(responses(model, split, refusals, categories))
+    return pl.concat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- rates
+
+
+def test_rate_and_interval_bracket_the_point_estimate():
+    refusals = [True] * 37 + [False] * 63
+    r = row(score(responses("m", "hard", refusals)), "m", "hard")
+    assert (r["n"], r["n_refused"], r["n_undecided"]) == (100, 37, 0)
+    assert r["rejection_rate"] == pytest.approx(0.37)
+    assert r["ci_low"] < 0.37 < r["ci_high"]
+    # The normal approximation gives about +-0.095 at n=100, p=0.37; the bootstrap should be close to it.
+    assert 0.06 < r["rejection_rate"] - r["ci_low"] < 0.13 and 0.06 < r["ci_high"] - r["rejection_rate"] < 0.13
+
+
+def test_more_prompts_give_a_narrower_interval():
+    small = row(score(responses("m", "hard", [True] * 6 + [False] * 14)), "m", "hard")
+    large = row(score(responses("m", "hard", [True] * 300 + [False] * 700)), "m", "hard")
+    assert small["rejection_rate"] == large["rejection_rate"] == pytest.approx(0.3)
+    assert large["ci_high"] - large["ci_low"] < (small["ci_high"] - small["ci_low"]) / 3
+
+
+def test_scores_are_deterministic_for_a_seed_and_one_group_does_not_move_another():
+    data = three_models()
+    first = score(data, seed=3)
+    assert first.equals(score(data.sample(fraction=1.0, shuffle=True, seed=1), seed=3))
+    alone = score(data.filter(pl.col("model") == "balanced"), seed=3)
+    assert row(alone, "balanced", "hard") == row(first, "balanced", "hard")
+
+
+def test_all_refused_gives_one_and_none_refused_gives_zero():
+    scores = score(pl.concat([responses("m", "toxic", [True] * 12), responses("m", "hard", [False] * 12)]))
+    toxic, hard = row(scores, "m", "toxic"), row(scores, "m", "hard")
+    assert (toxic["rejection_rate"], toxic["ci_low"], toxic["ci_high"]) == (1.0, 1.0, 1.0)
+    assert (hard["rejection_rate"], hard["ci_low"], hard["ci_high"]) == (0.0, 0.0, 0.0)
+
+
+def test_undecided_rows_are_counted_but_left_out_of_the_rate():
+    r = row(score(responses("m", "hard", [True, True, True, False, None, None])), "m", "hard")
+    assert (r["n"], r["n_undecided"], r["n_refused"]) == (6, 2, 3)
+    assert r["rejection_rate"] == pytest.approx(0.75)
+    nothing = row(score(responses("m", "hard", [None, None])), "m", "hard")
+    assert nothing["rejection_rate"] is None and nothing["ci_low"] is None and nothing["n_undecided"] == 2
+
+
+def test_per_category_rows_follow_the_overall_row():
+    data = responses("m", "hard", [True, False, True, True], ["privacy", "privacy", "violence", "violence"])
+    scores = score(pl.concat([data, responses("m", "toxic", [True]), responses("a", "hard", [False])]))
+    assert scores.select("model", "split", "category").rows() == [
+        ("a", "hard", ALL), ("a", "hard", "privacy"),
+        ("m", "hard", ALL), ("m", "hard", "privacy"), ("m", "hard", "violence"),
+        ("m", "toxic", ALL), ("m", "toxic", "privacy"),
+    ]
+    assert row(scores, "m", "hard", "privacy")["rejection_rate"] == 0.5
+    assert row(scores, "m", "hard", "violence")["rejection_rate"] == 1.0
+    assert row(scores, "m", "hard")["rejection_rate"] == 0.75
+
+
+def test_the_binomial_draw_matches_resampling_prompt_indices():
+    outcomes = np.array([1] * 23 + [0] * 57)
+    rng = np.random.default_rng(11)
+    draws = 20_000
+    index_means = outcomes[rng.integers(0, len(outcomes), size=(draws, len(outcomes)))].mean(axis=1)
+    by_index = np.percentile(index_means, [2.5, 97.5])
+    by_binomial = bootstrap_interval(23, 80, draws, np.random.default_rng(12))
+    assert by_binomial == pytest.approx(tuple(by_index), abs=0.0126)  # one prompt in 80 is 0.0125
+
+
+def test_bad_input_is_rejected():
+    data = responses("m", "hard", [True, False])
+    with pytest.raises(ValueError, match="lack column"):
+        score(data.drop("split"))
+    with pytest.raises(ValueError, match="repeat 1"):
+        score(pl.concat([data, data.head(1)]))
+    with pytest.raises(ValueError, match="n_boot"):
+        score(data, n_boot=0)
+
+
+def test_scoring_frame_scores_a_prompt_in_every_split_that_holds_it():
+    splits = {
+        "benign": pl.DataFrame({"prompt_id": ["a", "b"], "category": ["privacy", "violence"]}),
+        "hard": pl.DataFrame({"prompt_id": ["b"], "category": ["violence"]}),
+    }
+    answers = frame(
+        [{"prompt_id": p, "member": member, "model": f"{member}-model", "response": "r", "refusal": refused,
+          "label": None, "method": "keyword"}
+         for p, member, refused in [("a", "t1", False), ("b", "t1", True), ("zz", "t1", True), ("b", "t2", None)]],
+        RESPONSES,
+    )
+    table = scoring_frame(answers, splits)
+    assert sorted(table.select("split", "prompt_id", "model").rows()) == [
+        ("benign", "a", "t1"), ("benign", "b", "t1"), ("benign", "b", "t2"), ("hard", "b", "t1"), ("hard", "b", "t2"),
+    ]
+    scores = score(table)
+    assert row(scores, "t1", "hard")["rejection_rate"] == 1.0
+    assert row(scores, "t1", "benign")["rejection_rate"] == 0.5
+    assert summary(scores).filter(pl.col("model") == "t1").select("hard_rate", "benign_rate").row(0) == (1.0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+
+def colours(path) -> set[tuple[int, ...]]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return {c for _, c in image.getcolors(maxcolors=1 << 20)}
+
+
+def rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def test_scatter_plot_draws_one_coloured_point_per_model(tmp_path):
+    scores = score(three_models())
+    path = scatter_plot(scores, tmp_path / "scatter.png")
+    seen = colours(path)
+    assert len(seen) > 50
+    # One series colour per model, in sorted model order.
+    for i in range(3):
+        assert rgb(PALETTE[i]) in seen
+    assert rgb(PALETTE[3]) not in seen
+
+
+def test_category_plot_has_a_panel_per_split(tmp_path):
+    scores = score(three_models())
+    one = category_plot(scores.filter(pl.col("split") == "hard"), tmp_path / "one.png")
+    two = category_plot(scores, tmp_path / "two.png")
+    assert len(colours(two)) > 50 and rgb(PALETTE[2]) in colours(two)
+    assert Image.open(two).height > Image.open(one).height * 1.5
+
+
+def test_plots_of_nothing_still_write_a_png(tmp_path):
+    empty = score(responses("m", "hard", []))
+    for draw in (scatter_plot, category_plot):
+        path = draw(empty, tmp_path / f"{draw.__name__}.png")
+        assert len(colours(path)) > 1
