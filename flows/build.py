@@ -265,7 +265,9 @@ def build(cfg: BuildConfig, output: Path | None = None) -> Path:
         notes["usage_by_model"] = usage
         info = ManifestInfo(config=cfg, funnel=funnel_frame, tokens=tokens, notes=notes, name=cfg.name,
                             created=started.isoformat(timespec="seconds"))
-        write_release(folder, splits, votes, failures, info, responses=responses)
+        dedup_frame = pl.concat([frame.with_columns(pl.lit(pool).alias("pool")).select("pool", *frame.columns)
+                                 for pool, frame in dedup_results.items()])
+        write_release(folder, splits, votes, failures, info, responses=responses, dedup=dedup_frame)
     write_report(folder)
 
     _publish_artifact(cfg, funnel_frame, folder)

@@ -383,6 +383,7 @@ def write_release(
     manifest_info: ManifestInfo | dict,
     responses: pl.DataFrame | None = None,
     overwrite: bool = False,
+    dedup: pl.DataFrame | None = None,
 ) -> Path:
     """Write a complete release to `folder` (built aside, renamed into place) and return its path.
 
@@ -419,6 +420,8 @@ def write_release(
         write_parquet(tmp / "failures.parquet", failures)
         if responses is not None:
             write_parquet(tmp / "responses.parquet", responses)
+        if dedup is not None:  # one row per pooled prompt: kept, or the prompt it duplicates and the similarity
+            write_parquet(tmp / "dedup.parquet", dedup)
         write_text(tmp / CARD, _card(name, info, split_rows, configs, split_categories, version))
         manifest = {
             "name": name,
@@ -442,6 +445,7 @@ def write_release(
                 "funnel": info.funnel.to_dicts() if info.funnel is not None else None,
                 "votes": votes.height,
                 "responses": responses.height if responses is not None else None,
+                "dedup_dropped": int((~dedup["kept"]).sum()) if dedup is not None else None,
             },
             "tokens": info.tokens,
             "failures": _failure_counts(failures),

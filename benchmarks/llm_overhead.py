@@ -1,0 +1,170 @@
+"""What llm/ costs per request: requests/s through LLMHub vs a bare AsyncOpenAI loop, same server, same requests.
+
+    .venv/bin/python benchmarks/llm_overhead.py [--requests 2000] [--concurrency 32] [--repeats 5]
+                                                [--server process|thread|both]
+
+Both sides talk to the same zero-latency loopback OpenAI-compatible server (tests/fakeserver.py) with the same
+number of requests at the same concurrency, in one run, repeats interleaved (the order alternates), median taken:
+
+  llm/  LLMHub(fresh cache).model(spec).generate(batch): prompt preparation, cache keys and lookups, the backend's
+        semaphore, validation, cache writes and accounting; every request a cache miss
+  bare  asyncio + openai.AsyncOpenAI + asyncio.Semaphore(concurrency), asyncio.gather over the batch
+
+Two request kinds: `text` (plain chat) and `json` (a moderation-like response model: the bare loop sends the same
+response_format and validates the reply with the same pydantic model, so both sides do the same useful work).
+
+By default the server runs in a separate process (`process`): in a thread of the measuring process (`thread`, how
+the tests run it) its aiohttp loop shares the GIL with the client, and that slows both sides. `both` measures both
+arrangements. Numbers are printed, never asserted. The goal is llm/ / bare >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (puts the repository root on sys.path)
+
+import openai  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from core.config import ModelSpec  # noqa: E402
+from llm.hub import LLMHub  # noqa: E402
+from llm.types import LLMRequest  # noqa: E402
+
+GOAL = 0.95
+MODEL = "fake-model"
+MAX_TOKENS = 64
+TIMEOUT_S = 30.0
+MAX_RETRIES = 2
+
+
+class Verdict(BaseModel):
+    verdict: Literal["toxic", "benign"]
+    category: Literal["deception", "privacy", "violence", "none"]
+
+
+def prompts(n: int, tag: str) -> list[str]:
+    # Distinct per batch, so no request is a cache hit and no two requests of a batch are merged.
+    return [f"Benchmark batch {tag}, request {i}: is asking how to pick the lock of my own shed harmful?"
+            for i in range(n)]
+
+
+def spec_for(base_url: str, concurrency: int) -> ModelSpec:
+    return ModelSpec(backend="openai", base_url=base_url, model=MODEL, max_concurrency=concurrency,
+                     max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
+
+
+def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+    """Seconds for one generate() over the batch through a fresh hub on a fresh cache; and the number ok."""
+    response_model = Verdict if kind == "json" else None
+    requests = [LLMRequest.chat(t, response_model=response_model) for t in texts]
+    with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "cache.sqlite") as hub:
+        llm = hub.model(spec_for(base_url, concurrency), role="bench")
+        started = time.perf_counter()
+        results = llm.generate(requests)
+        seconds = time.perf_counter() - started
+    return seconds, sum(r.ok for r in results)
+
+
+async def _bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=MAX_RETRIES, timeout=TIMEOUT_S)
+    semaphore = asyncio.Semaphore(concurrency)
+    response_format = ({"type": "json_schema", "json_schema": {"name": "Verdict",
+                                                              "schema": Verdict.model_json_schema()}}
+                       if kind == "json" else openai.NOT_GIVEN)
+
+    async def one(text: str) -> bool:
+        async with semaphore:
+            resp = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": text}], temperature=0.0, max_tokens=MAX_TOKENS,
+                seed=0, response_format=response_format)
+        content = resp.choices[0].message.content
+        if kind == "json":
+            Verdict.model_validate_json(content)
+        return content is not None
+
+    try:
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(t) for t in texts), return_exceptions=True)
+        seconds = time.perf_counter() - started
+    finally:
+        await client.close()
+    return seconds, sum(o is True for o in outcomes)
+
+
+def run_bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+    return asyncio.run(_bare(base_url, texts, concurrency, kind))
+
+
+SIDES = {"llm/": run_llm, "bare": run_bare}
+
+
+def measure(where: str, kind: str, args) -> dict:
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    failed = 0
+    with common.start_server(where) as server:
+        # Warm-up, untimed: imports, pydantic schemas, first connections.
+        for side, run in SIDES.items():
+            run(server.base_url, prompts(min(200, args.requests), f"warm-{kind}-{side}"), args.concurrency, kind)
+        server.reset()
+        deadline = time.monotonic() + args.max_seconds
+        for r in range(args.repeats):
+            order = list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]
+            for side in order:
+                texts = prompts(args.requests, f"{where}-{kind}-{side}-{r}")
+                seconds, ok = SIDES[side](server.base_url, texts, args.concurrency, kind)
+                failed += args.requests - ok
+                rates[side].append(args.requests / seconds)
+            if time.monotonic() > deadline:
+                print(f"  ({where}/{kind}: time bound of {args.max_seconds:g}s reached after {r + 1} repeats)")
+                break
+        stats = server.stats()
+    llm_rate, bare_rate = common.median(rates["llm/"]), common.median(rates["bare"])
+    return {"where": where, "kind": kind, "llm": llm_rate, "bare": bare_rate, "ratio": llm_rate / bare_rate,
+            "rates": rates, "failed": failed, "received": stats["chat_requests"],
+            "max_in_flight": stats["max_in_flight"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", choices=["text", "json"], default=["text", "json"])
+    parser.add_argument("--server", choices=["process", "thread", "both"], default="both")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="per (server, kind): no new repeat after")
+    args = parser.parse_args()
+
+    common.header("llm/ overhead: requests/s through LLMHub vs a bare AsyncOpenAI loop")
+    print(f"{args.requests} requests per batch at concurrency {args.concurrency}, {args.repeats} repeats interleaved "
+          f"(order alternating), median; zero-latency loopback server on 127.0.0.1; max_tokens {MAX_TOKENS}.\n",
+          flush=True)
+    wheres = ["process", "thread"] if args.server == "both" else [args.server]
+    rows = []
+    for where in wheres:
+        for kind in args.kinds:
+            m = measure(where, kind, args)
+            verdict = "meets goal" if m["ratio"] >= GOAL else "BELOW goal"
+            rows.append([f"server in {where}", kind, f"{m['llm']:.0f}", f"{m['bare']:.0f}",
+                         f"{m['ratio']:.3f} ({verdict})",
+                         " ".join(f"{x:.0f}" for x in m["rates"]["llm/"]),
+                         " ".join(f"{x:.0f}" for x in m["rates"]["bare"]),
+                         f"{m['failed']}", f"{m['received']}", f"{m['max_in_flight']}"])
+            print(f"  done: {where} / {kind}: llm/ {m['llm']:.0f} req/s, bare {m['bare']:.0f} req/s, "
+                  f"ratio {m['ratio']:.3f}", flush=True)
+    print()
+    print(common.table(["server", "kind", "llm/ req/s (median)", "bare req/s (median)", f"ratio (goal >= {GOAL})",
+                        "llm/ repeats", "bare repeats", "failed", "server saw", "server max in flight"], rows))
+    print("\n'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.")
+
+
+if __name__ == "__main__":
+    main()
