@@ -16,6 +16,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _serve(conn, latency_s: float) -> None:
         if message == "stats":
             chats = server.chat_requests
             conn.send({"chat_requests": len(chats), "max_in_flight": server.max_in_flight,
-                       "faults": sum(1 for r in chats if r.fault)})
+                       "faults": sum(1 for r in chats if r.fault), "cpu_s": time.process_time()})
         elif message == "reset":
             latency = server.latency_s
             server.reset()
@@ -137,6 +138,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     def stats(self) -> dict:
+        """Chat requests received, most in flight at once, faults served, and the server process's CPU seconds."""
         self._conn.send("stats")
         return self._conn.recv()
 
@@ -177,7 +179,7 @@ class ServerThread:
     def stats(self) -> dict:
         chats = self.server.chat_requests
         return {"chat_requests": len(chats), "max_in_flight": self.server.max_in_flight,
-                "faults": sum(1 for r in chats if r.fault)}
+                "faults": sum(1 for r in chats if r.fault), "cpu_s": None}  # shared with the client: not separable
 
     def reset(self) -> None:
         latency = self.server.latency_s

@@ -115,6 +115,7 @@ def measure(where: str, kind: str, args) -> dict:
         for side, run in SIDES.items():
             run(server.base_url, prompts(min(200, args.requests), f"warm-{kind}-{side}"), args.concurrency, kind)
         server.reset()
+        server_cpu0, client_cpu0, wall0 = server.stats()["cpu_s"], time.process_time(), time.perf_counter()
         deadline = time.monotonic() + args.max_seconds
         for r in range(args.repeats):
             order = list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]
@@ -126,11 +127,14 @@ def measure(where: str, kind: str, args) -> dict:
             if time.monotonic() > deadline:
                 print(f"  ({where}/{kind}: time bound of {args.max_seconds:g}s reached after {r + 1} repeats)")
                 break
+        wall = time.perf_counter() - wall0
+        client_share = (time.process_time() - client_cpu0) / wall
         stats = server.stats()
+    server_share = (stats["cpu_s"] - server_cpu0) / wall if stats["cpu_s"] is not None else None
     llm_rate, bare_rate = common.median(rates["llm/"]), common.median(rates["bare"])
     return {"where": where, "kind": kind, "llm": llm_rate, "bare": bare_rate, "ratio": llm_rate / bare_rate,
             "rates": rates, "failed": failed, "received": stats["chat_requests"],
-            "max_in_flight": stats["max_in_flight"]}
+            "client_share": client_share, "server_share": server_share}
 
 
 def main() -> None:
@@ -157,13 +161,17 @@ def main() -> None:
                          f"{m['ratio']:.3f} ({verdict})",
                          " ".join(f"{x:.0f}" for x in m["rates"]["llm/"]),
                          " ".join(f"{x:.0f}" for x in m["rates"]["bare"]),
-                         f"{m['failed']}", f"{m['received']}", f"{m['max_in_flight']}"])
+                         f"{m['failed']}", f"{m['received']}",
+                         f"{m['client_share']:.0%} / " + (f"{m['server_share']:.0%}" if m["server_share"] is not None
+                                                          else "(same process)")])
             print(f"  done: {where} / {kind}: llm/ {m['llm']:.0f} req/s, bare {m['bare']:.0f} req/s, "
                   f"ratio {m['ratio']:.3f}", flush=True)
     print()
     print(common.table(["server", "kind", "llm/ req/s (median)", "bare req/s (median)", f"ratio (goal >= {GOAL})",
-                        "llm/ repeats", "bare repeats", "failed", "server saw", "server max in flight"], rows))
-    print("\n'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.")
+                        "llm/ repeats", "bare repeats", "failed", "server saw", "CPU client / server"], rows))
+    print("\n'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.\n"
+          "'CPU client / server': CPU seconds of each process over the timed wall time (100% = one core busy).\n"
+          "A client near 100% with the server well below it means the client side is the bottleneck, as intended.")
 
 
 if __name__ == "__main__":

@@ -97,27 +97,26 @@ def dedup(
             best_at = np.full(size, -1, dtype=np.int64)
         hit_index = best_sim >= cutoff
 
-        # Inside the batch: row i against rows j < i. Only rows with such a neighbour need the sequential pass;
-        # the status of every other row is already final.
-        inner = batch @ batch.T
-        close = np.tril(inner >= cutoff, k=-1)
+        # Inside the batch: row i against the rows j < i that are still kept. Only rows with such a neighbour need
+        # the sequential pass; the status of every other row is already final.
         batch_kept = ~hit_index
         in_batch_match = np.full(size, -1, dtype=np.int64)
-        for i in np.flatnonzero(close.any(axis=1)):
-            neighbours = np.flatnonzero(close[i, :i] & batch_kept[:i])
-            if neighbours.size == 0:
+        in_batch_sim = np.zeros(size, dtype=np.float32)
+        for i, js, sims in _close_earlier_pairs(batch, cutoff):
+            alive = batch_kept[js]
+            if not alive.any():
                 continue
             batch_kept[i] = False
-            j = neighbours[np.argmax(inner[i, neighbours])]
-            if inner[i, j] > best_sim[i]:  # report the closest kept prompt, wherever it is
-                in_batch_match[i] = j
+            k = int(np.argmax(np.where(alive, sims, -np.inf)))
+            if sims[k] > best_sim[i]:  # report the closest kept prompt, wherever it is
+                in_batch_match[i], in_batch_sim[i] = js[k], sims[k]
 
         for i in np.flatnonzero(~batch_kept):
             row = start + i
             j = in_batch_match[i]
             if j >= 0:
                 duplicate_of[row] = prompt_ids[start + j]
-                similarity[row] = float(inner[i, j])
+                similarity[row] = float(in_batch_sim[i])
             else:
                 at = int(best_at[i])
                 duplicate_of[row] = index_ids[at]
@@ -199,6 +198,26 @@ def dedup_per_pool(
     notes["kept"] = int(merged.get_column("kept").sum())
     notes["dropped"] = notes["input"] - notes["kept"]
     return StageResult(records=merged, notes=notes)
+
+
+def _close_earlier_pairs(batch: np.ndarray, cutoff: np.float32):
+    """For each row i of the batch with rows j < i at or above the cutoff: (i, those j ascending, their cosines).
+
+    A throwaway faiss index of the batch answers a range search, so all the arithmetic runs in faiss (one BLAS
+    and one thread pool, and no batch x batch matrix in Python).
+    """
+    local = faiss.IndexFlatIP(batch.shape[1])
+    local.add(batch)
+    # faiss keeps inner products strictly above the radius; one float32 step lower keeps those equal to the cutoff.
+    lims, sims, ids = local.range_search(batch, float(np.nextafter(cutoff, np.float32(-np.inf))))
+    rows = np.repeat(np.arange(batch.shape[0]), np.diff(lims.astype(np.int64)))
+    earlier = (ids < rows) & (sims >= cutoff)
+    rows, ids, sims = rows[earlier], ids[earlier], sims[earlier]
+    order = np.lexsort((ids, rows))
+    rows, ids, sims = rows[order], ids[order], sims[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.zeros(0, dtype=np.int64)
+    for first, last in zip(starts, np.r_[starts[1:], rows.size]):
+        yield int(rows[first]), ids[first:last], sims[first:last]
 
 
 def _unit_rows(values: np.ndarray, name: str) -> np.ndarray:

@@ -218,6 +218,7 @@ def build(cfg: BuildConfig, output: Path | None = None) -> Path:
                    for i, part in enumerate(shards(candidates.filter(pl.col("category") == c.name),
                                                    cfg.shard_size))]
         votes, vote_failures, _ = _collect(futures, VOTES)
+        votes = votes.sort("prompt_id", "moderator")  # the same release whatever the shard size
         decisions = ensemble.decide(candidates, votes, n_mods, cfg.moderation.vote)
         rep.done("moderation")
 
@@ -240,6 +241,7 @@ def build(cfg: BuildConfig, output: Path | None = None) -> Path:
                        for i, part in enumerate(shards(benign_kept.filter(pl.col("category") == c.name),
                                                        cfg.shard_size))]
             responses, panel_failures, _ = _collect(futures, RESPONSES)
+            responses = responses.sort("prompt_id", "member")
             hard = panel.hard_members(responses)
             rep.done("panel")
         else:

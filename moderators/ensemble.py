@@ -80,10 +80,12 @@ def decide_one(n_toxic: int, n_benign: int, n_moderators: int, rule: VoteRule) -
         if n_benign == n_moderators:
             return "benign"
         return "contested"
-    # at_least k: k toxic votes flag it (safety first); otherwise k benign votes clear it.
+    # at_least k: k toxic votes flag it (safety first); otherwise k benign votes clear it, but only when the missing
+    # votes could not have reached k toxic ones (with k=1 of 3, one benign vote and two failures clear nothing).
+    n_missing = n_moderators - n_toxic - n_benign
     if n_toxic >= rule.at_least:
         return "toxic"
-    if n_benign >= rule.at_least:
+    if n_benign >= rule.at_least and n_toxic + n_missing < rule.at_least:
         return "benign"
     return "contested"
 
