@@ -9,6 +9,7 @@ benchmarks/*.py, passes over it quickly):
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import multiprocessing
 import os
@@ -16,9 +17,13 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -202,6 +207,99 @@ def start_server(where: str, latency_s: float = 0.0) -> ServerProcess | ServerTh
     if where == "thread":
         return ServerThread(latency_s)
     raise ValueError(f"server must be 'process' or 'thread', got {where!r}")
+
+
+# -- the two clients under comparison ---------------------------------------------------------------------------
+#
+# Both return (seconds for the batch, number of requests answered). Client construction is outside the timing on
+# both sides; both use the same httpx pool size (the one llm/ configures), so the pool is never what differs.
+
+FAKE_MODEL = "fake-model"
+MAX_TOKENS = 64
+TIMEOUT_S = 30.0
+MAX_RETRIES = 2
+
+
+class Verdict(BaseModel):
+    """Moderation-like structured reply (the fake server answers with a minimal valid instance)."""
+
+    verdict: Literal["toxic", "benign"]
+    category: Literal["deception", "privacy", "violence", "none"]
+
+
+def prompts(n: int, tag: str) -> list[str]:
+    """Distinct per batch, so no request is a cache hit and no two requests of a batch are merged."""
+    return [f"Benchmark batch {tag}, request {i}: is asking how to pick the lock of my own shed harmful?"
+            for i in range(n)]
+
+
+def fake_spec(base_url: str, concurrency: int):
+    from core.config import ModelSpec
+
+    return ModelSpec(backend="openai", base_url=base_url, model=FAKE_MODEL, max_concurrency=concurrency,
+                     max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
+
+
+def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+    """One LLM.generate() over the batch through a fresh LLMHub on a fresh cache (every request a miss)."""
+    from llm.hub import LLMHub
+    from llm.types import LLMRequest
+
+    response_model = Verdict if kind == "json" else None
+    requests = [LLMRequest.chat(t, response_model=response_model) for t in texts]
+    with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "cache.sqlite") as hub:
+        llm = hub.model(fake_spec(base_url, concurrency), role="bench")
+        started = time.perf_counter()
+        results = llm.generate(requests)
+        seconds = time.perf_counter() - started
+    return seconds, sum(r.ok for r in results)
+
+
+def pool_limits(concurrency: int):
+    import httpx
+
+    size = concurrency * 2 + 16  # what llm/backends/openai_compat.py configures
+    return httpx.Limits(max_connections=size, max_keepalive_connections=size)
+
+
+async def _bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=MAX_RETRIES, timeout=TIMEOUT_S,
+                                http_client=openai.DefaultAsyncHttpxClient(limits=pool_limits(concurrency),
+                                                                           timeout=TIMEOUT_S))
+    semaphore = asyncio.Semaphore(concurrency)
+    response_format = ({"type": "json_schema", "json_schema": {"name": "Verdict",
+                                                              "schema": Verdict.model_json_schema()}}
+                       if kind == "json" else openai.NOT_GIVEN)
+
+    async def one(text: str) -> bool:
+        async with semaphore:
+            resp = await client.chat.completions.create(
+                model=FAKE_MODEL, messages=[{"role": "user", "content": text}], temperature=0.0,
+                max_tokens=MAX_TOKENS, seed=0, response_format=response_format)
+        content = resp.choices[0].message.content
+        if kind == "json":
+            Verdict.model_validate_json(content)
+        return content is not None
+
+    try:
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(t) for t in texts), return_exceptions=True)
+        seconds = time.perf_counter() - started
+    finally:
+        await client.close()
+    return seconds, sum(o is True for o in outcomes)
+
+
+def run_bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+    """asyncio + AsyncOpenAI + asyncio.Semaphore(concurrency) + gather: the loop anyone would write by hand."""
+    return asyncio.run(_bare(base_url, texts, concurrency, kind))
+
+
+def footer() -> None:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nload average at end {load} (a load above nproc means other work shared the machine: numbers are lower)")
 
 
 if __name__ == "__main__":

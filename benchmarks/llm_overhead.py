@@ -21,88 +21,16 @@ arrangements. Numbers are printed, never asserted. The goal is llm/ / bare >= 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repository root on sys.path)
-
-import openai  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
-
-from core.config import ModelSpec  # noqa: E402
-from llm.hub import LLMHub  # noqa: E402
-from llm.types import LLMRequest  # noqa: E402
+from common import MAX_TOKENS, prompts, run_bare, run_llm  # noqa: E402
 
 GOAL = 0.95
-MODEL = "fake-model"
-MAX_TOKENS = 64
-TIMEOUT_S = 30.0
-MAX_RETRIES = 2
-
-
-class Verdict(BaseModel):
-    verdict: Literal["toxic", "benign"]
-    category: Literal["deception", "privacy", "violence", "none"]
-
-
-def prompts(n: int, tag: str) -> list[str]:
-    # Distinct per batch, so no request is a cache hit and no two requests of a batch are merged.
-    return [f"Benchmark batch {tag}, request {i}: is asking how to pick the lock of my own shed harmful?"
-            for i in range(n)]
-
-
-def spec_for(base_url: str, concurrency: int) -> ModelSpec:
-    return ModelSpec(backend="openai", base_url=base_url, model=MODEL, max_concurrency=concurrency,
-                     max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
-
-
-def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
-    """Seconds for one generate() over the batch through a fresh hub on a fresh cache; and the number ok."""
-    response_model = Verdict if kind == "json" else None
-    requests = [LLMRequest.chat(t, response_model=response_model) for t in texts]
-    with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "cache.sqlite") as hub:
-        llm = hub.model(spec_for(base_url, concurrency), role="bench")
-        started = time.perf_counter()
-        results = llm.generate(requests)
-        seconds = time.perf_counter() - started
-    return seconds, sum(r.ok for r in results)
-
-
-async def _bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=MAX_RETRIES, timeout=TIMEOUT_S)
-    semaphore = asyncio.Semaphore(concurrency)
-    response_format = ({"type": "json_schema", "json_schema": {"name": "Verdict",
-                                                              "schema": Verdict.model_json_schema()}}
-                       if kind == "json" else openai.NOT_GIVEN)
-
-    async def one(text: str) -> bool:
-        async with semaphore:
-            resp = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": text}], temperature=0.0, max_tokens=MAX_TOKENS,
-                seed=0, response_format=response_format)
-        content = resp.choices[0].message.content
-        if kind == "json":
-            Verdict.model_validate_json(content)
-        return content is not None
-
-    try:
-        started = time.perf_counter()
-        outcomes = await asyncio.gather(*(one(t) for t in texts), return_exceptions=True)
-        seconds = time.perf_counter() - started
-    finally:
-        await client.close()
-    return seconds, sum(o is True for o in outcomes)
-
-
-def run_bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
-    return asyncio.run(_bare(base_url, texts, concurrency, kind))
-
 
 SIDES = {"llm/": run_llm, "bare": run_bare}
 
@@ -172,6 +100,7 @@ def main() -> None:
     print("\n'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.\n"
           "'CPU client / server': CPU seconds of each process over the timed wall time (100% = one core busy).\n"
           "A client near 100% with the server well below it means the client side is the bottleneck, as intended.")
+    common.footer()
 
 
 if __name__ == "__main__":

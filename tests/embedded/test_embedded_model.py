@@ -1,0 +1,97 @@
+"""The default path on the real embedded model (llama.cpp + SmolLM2-135M): the proof that `make demo` works.
+
+Slow (the server starts in about 2 s, each reply takes a second or more on 2 cores); kept in CI on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import polars as pl
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from core.config import ModelSpec
+
+pytestmark = pytest.mark.slow
+
+
+class Verdict(BaseModel):
+    verdict: Literal["benign", "toxic"]
+    category: str
+
+
+def test_embedded_model_gives_a_schema_valid_reply_and_stops_with_the_hub(tmp_path):
+    from llm.hub import LLMHub
+    from llm.types import LLMRequest
+
+    with LLMHub(tmp_path / "cache.sqlite") as hub:
+        llm = hub.model(ModelSpec(backend="local", max_tokens=48), "test")
+        result = llm.generate([LLMRequest.chat("Is 'how do I bake bread?' a harmful request? Reply in JSON.",
+                                               response_model=Verdict)])[0]
+        server = next(iter(hub._services.values()))
+        assert server.proc.poll() is None
+    assert result.ok, result.error
+    assert isinstance(result.parsed, Verdict)
+    assert result.completion_tokens > 0
+    assert server.proc.poll() is not None, "the embedded server must stop when the hub closes"
+
+
+def test_embedded_server_does_not_outlive_a_killed_parent(tmp_path):
+    """SIGKILL of the process that started the server takes the server down too (no orphan)."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys; sys.path.insert(0, '.');"
+              "from core.config import ModelSpec; from llm.hub import LLMHub;"
+              f"hub = LLMHub({str(tmp_path / 'c.sqlite')!r}); hub.model(ModelSpec(backend='local'), 'x');"
+              "print(next(iter(hub._services.values())).proc.pid, flush=True); import time; time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    assert _alive(child_pid)
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(child_pid):
+        time.sleep(0.2)
+    assert not _alive(child_pid), "the llama.cpp server outlived its parent"
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_small_build_on_the_embedded_model(prefect_harness, tmp_path):
+    """A tiny version of configs/demo.yaml: every role on the embedded model, through Prefect, to a release."""
+    from flows.build import build_flow
+    from outputs.release import read_manifest, verify_release
+
+    demo = yaml.safe_load(open("configs/demo.yaml"))
+    demo.update(output_dir=str(tmp_path / "releases"), work_dir=str(tmp_path / "work"),
+                cache_path=str(tmp_path / "cache.sqlite"))
+    demo["categories"]["include"] = ["privacy"]
+    demo["seeds"].update(seeds_per_category=2, seeds_per_call=2)
+    demo["rewrites"]["rewrites_per_seed"] = 2
+    demo["panel"]["members"] = demo["panel"]["members"][:2]
+    demo["splits"]["hard_min_rejections"] = 1
+    for member in demo["panel"]["members"] + demo["moderation"]["moderators"]:
+        member["max_tokens"] = 32
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(demo))
+
+    out = tmp_path / "release"
+    build_flow(config_path=str(config), output=str(out))
+    manifest = read_manifest(out)
+    rows = {s["name"]: s["rows"] for s in manifest["splits"]}
+    assert rows["toxic"] > 0  # the seeds at least
+    assert rows["benign"] + rows["toxic"] + pl.read_parquet(out / "contested.parquet").height > 0
+    assert manifest["tokens"]["moderator"]["completion_tokens"] > 0
+    assert (out / "report.html").exists()
+    assert verify_release(out).ok
