@@ -25,10 +25,11 @@ from core.config import BuildConfig, CategorySpec, stable_hash
 from core.records import CANDIDATES, FAILURES, RESPONSES, SEEDS, VOTES, StageResult, empty
 from dedup.embed import Embedder
 from dedup.near import dedup as near_dedup
-from flows.progress import reporter
+from flows.progress import StageProgress, reporter
 from generators import rewrites as rewrites_stage
 from generators import seeds as seeds_stage
 from llm.hub import LLMHub
+from llm.types import Usage
 from moderators import ensemble, panel, refusal
 from outputs.atomic import write_json, write_parquet
 from outputs.release import ManifestInfo, write_release
@@ -54,13 +55,19 @@ def _spec_dump(spec) -> dict:
                                     "system_prompt", "extra", "name"})
 
 
-def run_shard(ctx: BuildContext, stage: str, key_material: object, compute: Callable[[], StageResult]) -> StageResult:
-    """Reuse the stage's stored shard when its key matches; otherwise compute it and store it if it is complete."""
+def run_shard(ctx: BuildContext, stage: str, key_material: object, compute: Callable[[], StageResult],
+              progress: StageProgress | None = None, requests: int = 0) -> StageResult:
+    """Reuse the stage's stored shard when its key matches; otherwise compute it and store it if it is complete.
+
+    A reused shard moves the stage's progress bar by the `requests` it would have made.
+    """
     key = stable_hash(key_material, 24)
     folder = ctx.work_dir / stage
     records_path, notes_path = folder / f"{key}.parquet", folder / f"{key}.notes.json"
     if records_path.exists():
         ctx.shards_reused[stage] = ctx.shards_reused.get(stage, 0) + 1
+        if progress is not None:
+            progress(requests, Usage())
         notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
         return StageResult(pl.read_parquet(records_path), empty(FAILURES), notes)
     result = compute()
@@ -88,7 +95,8 @@ def seeds_task(ctx: BuildContext, category: str, progress) -> StageResult:
     llm = ctx.hub.model(ctx.cfg.seeds.model, "seeds")
     key = ["seeds", spec.model_dump(), ctx.cfg.seeds.model_dump(exclude={"model"}),
            _spec_dump(ctx.cfg.seeds.model), seeds_stage.load_template(seeds_stage.TEMPLATE).sha256]
-    return run_shard(ctx, "seeds", key, lambda: seeds_stage.generate_seeds(cats, ctx.cfg.seeds, llm, progress))
+    return run_shard(ctx, "seeds", key, lambda: seeds_stage.generate_seeds(cats, ctx.cfg.seeds, llm, progress),
+                     progress, seeds_stage.call_budget(ctx.cfg.seeds))
 
 
 @task(name="rewrites", task_run_name="rewrites-{category}-{shard}", **TASK_OPTS)
@@ -96,7 +104,8 @@ def rewrites_task(ctx: BuildContext, seeds: pl.DataFrame, category: str, shard: 
     llm = ctx.hub.model(ctx.cfg.rewrites.model, "rewrites")
     key = ["rewrites", seeds["seed_id"].to_list(), ctx.cfg.rewrites.rewrites_per_seed,
            _spec_dump(ctx.cfg.rewrites.model), rewrites_stage.load_template(rewrites_stage.TEMPLATE).sha256]
-    return run_shard(ctx, "rewrites", key, lambda: rewrites_stage.rewrite(seeds, ctx.cfg.rewrites, llm, progress))
+    return run_shard(ctx, "rewrites", key, lambda: rewrites_stage.rewrite(seeds, ctx.cfg.rewrites, llm, progress),
+                     progress, seeds.height)
 
 
 @task(name="moderation", task_run_name="moderation-{category}-{shard}", **TASK_OPTS)
@@ -106,7 +115,7 @@ def moderation_task(ctx: BuildContext, candidates: pl.DataFrame, category: str, 
            ctx.cfg.moderation.explain, [_spec_dump(m) for m in ctx.cfg.moderation.moderators],
            ensemble.load_template(ensemble.TEMPLATE).sha256]
     return run_shard(ctx, "moderation", key, lambda: ensemble.moderate(
-        candidates, ctx.categories, mods, ctx.cfg.moderation.explain, progress))
+        candidates, ctx.categories, mods, ctx.cfg.moderation.explain, progress), progress, candidates.height * len(mods))
 
 
 @task(name="dedup", **TASK_OPTS)
@@ -125,9 +134,11 @@ def dedup_task(ctx: BuildContext, pool_frames: dict[str, pl.DataFrame], against:
     return results
 
 
-@task(name="panel", task_run_name="panel-{category}-{shard}", **TASK_OPTS)
-def panel_task(ctx: BuildContext, prompts: pl.DataFrame, category: str, shard: int, progress) -> StageResult:
-    members = [ctx.hub.model(m, "panel") for m in ctx.cfg.panel.members]
+@task(name="answer", task_run_name="{role}-{category}-{shard}", **TASK_OPTS)
+def answer_task(ctx: BuildContext, prompts: pl.DataFrame, specs: list, role: str, category: str, shard: int,
+                progress) -> StageResult:
+    """Panel members (or evaluation targets) answer a shard of prompts; refusals are detected per answer."""
+    members = [ctx.hub.model(m, role) for m in specs]
     judge = ctx.hub.model(ctx.cfg.refusal.judge, "judge") if ctx.cfg.refusal.judge else None
 
     def compute() -> StageResult:
@@ -136,9 +147,20 @@ def panel_task(ctx: BuildContext, prompts: pl.DataFrame, category: str, shard: i
         records = classified.records.select(list(RESPONSES))
         return StageResult(records, pl.concat([answered.failures, classified.failures]))
 
-    key = ["panel", prompts.select("prompt_id", "prompt").rows(), [_spec_dump(m) for m in ctx.cfg.panel.members],
+    key = ["answer", prompts.select("prompt_id", "prompt").rows(), [_spec_dump(m) for m in specs],
            ctx.cfg.refusal.model_dump(), refusal.JUDGE_TEMPLATE_SHA256]
-    return run_shard(ctx, "panel", key, compute)
+    return run_shard(ctx, "answers", key, compute, progress, prompts.height * len(members))
+
+
+def answer_all(ctx: BuildContext, prompts: pl.DataFrame, specs: list, role: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every spec answers every prompt, in tasks per category x shard; returns (responses, failures)."""
+    prog = reporter().stage(role, prompts.height * len(specs))
+    futures = [answer_task.submit(ctx, part, specs, role, category, i, prog)
+               for category in prompts["category"].unique(maintain_order=True).to_list()
+               for i, part in enumerate(shards(prompts.filter(pl.col("category") == category), ctx.cfg.shard_size))]
+    responses, failures, _ = _collect(futures, RESPONSES)
+    reporter().done(role)
+    return responses.sort("prompt_id", "member"), failures
 
 
 # -- the flow -------------------------------------------------------------------------------------------------------
@@ -235,15 +257,8 @@ def build(cfg: BuildConfig, output: Path | None = None) -> Path:
             benign_kept = pool_frames["benign"].join(kept, on="prompt_id", how="semi")
             if cfg.panel.sample is not None and cfg.panel.sample < benign_kept.height:
                 benign_kept = balanced_sample(benign_kept, size=cfg.panel.sample, seed=cfg.seed)
-            prog = rep.stage("panel", benign_kept.height * len(cfg.panel.members))
-            futures = [panel_task.submit(ctx, part, c.name, i, prog)
-                       for c in categories
-                       for i, part in enumerate(shards(benign_kept.filter(pl.col("category") == c.name),
-                                                       cfg.shard_size))]
-            responses, panel_failures, _ = _collect(futures, RESPONSES)
-            responses = responses.sort("prompt_id", "member")
+            responses, panel_failures = answer_all(ctx, benign_kept, cfg.panel.members, "panel")
             hard = panel.hard_members(responses)
-            rep.done("panel")
         else:
             notes["hard"] = "not built: no refusal panel configured"
 

@@ -102,6 +102,43 @@ def _print_summary(folder: Path, seconds: float) -> None:
     console.print(f"[green]done[/] in {seconds:.0f} s: {folder}")
 
 
+@app.command()
+def evaluate(
+    release: Annotated[Path, typer.Option(help="A release folder written by `orforge build`.")],
+    config: ConfigOpt,
+    benign_sample: Annotated[int | None, typer.Option(help="Also score a seeded sample of this many benign "
+                                                      "prompts.", min=1)] = None,
+) -> None:
+    """Score the config's `targets:` on a release: rejection rates on hard (over-refusal) and toxic (safety)."""
+    cfg = load(config)
+    from flows.evaluate import EvaluateInputError, evaluate_flow, load_splits
+
+    if not cfg.targets:
+        fail(f"{config}: targets: the config lists no models to evaluate", 2)
+    try:
+        load_splits(release, None, cfg.seed)
+    except EvaluateInputError as e:
+        fail(str(e), 2)
+    from flows.progress import RichReporter, use_reporter
+
+    try:
+        with use_reporter(RichReporter(err)):
+            folder = Path(evaluate_flow(release=str(release), config_path=str(config), benign_sample=benign_sample))
+    except Exception as e:  # noqa: BLE001
+        fail(f"evaluate failed: {type(e).__name__}: {e}", 1)
+    import polars as pl
+
+    scores = pl.read_csv(folder / "scores.csv").filter(pl.col("category") == "all")
+    table = Table(title=f"rejection rates (95% bootstrap interval): {folder}")
+    for col in ("model", "split", "n", "rejection rate", "95% CI"):
+        table.add_column(col)
+    for row in scores.iter_rows(named=True):
+        table.add_row(row["model"], row["split"], str(row["n"]), f"{row['rejection_rate']:.3f}",
+                      f"{row['ci_low']:.3f} - {row['ci_high']:.3f}")
+    console.print(table)
+    console.print(f"plots: {folder / 'scatter.png'}, {folder / 'categories.png'}; report: {release / 'report.html'}")
+
+
 @models_app.command("check")
 def models_check(config: ConfigOpt) -> None:
     """Send one tiny structured request to every configured model; exit 1 if any fails."""

@@ -1,0 +1,72 @@
+"""The `evaluate` flow: score target models on a release, OR-Bench style.
+
+Each target answers the hard and toxic splits (and a seeded sample of benign when asked); refusals are detected with
+the config's refusal method; per model and split the rejection rate with a 95% bootstrap interval, overall and per
+category. Over-refusal is the rejection rate on hard (lower is better); safety is the rate on toxic (higher is
+better). Everything goes through the request cache and the shard store, so a rerun sends nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+from prefect import flow
+
+from core.categories import resolve_categories
+from core.config import BuildConfig, load_config
+from flows.build import BuildContext, answer_all
+from llm.hub import LLMHub
+from outputs.atomic import atomic_folder, write_csv, write_parquet
+from outputs.report import write_report
+from outputs.scoring import category_plot, scatter_plot, score, scoring_frame
+from outputs.splits import balanced_sample
+
+
+class EvaluateInputError(ValueError):
+    """The release or the config cannot be evaluated (exit code 2)."""
+
+
+def load_splits(release: Path, benign_sample: int | None, seed: int) -> dict[str, pl.DataFrame]:
+    if not (release / "manifest.json").is_file():
+        raise EvaluateInputError(f"{release}: not a release folder (no manifest.json)")
+    splits = {}
+    for name in ("hard", "toxic"):
+        path = release / f"{name}.parquet"
+        if path.exists():
+            splits[name] = pl.read_parquet(path)
+    if benign_sample:
+        benign = pl.read_parquet(release / "benign.parquet")
+        splits["benign"] = balanced_sample(benign, size=min(benign_sample, benign.height), seed=seed)
+    if not any(frame.height for frame in splits.values()):
+        raise EvaluateInputError(f"{release}: the hard and toxic splits are empty or missing; nothing to score")
+    return splits
+
+
+def evaluate(release: Path, cfg: BuildConfig, benign_sample: int | None = None) -> Path:
+    if not cfg.targets:
+        raise EvaluateInputError("the config lists no `targets:` to evaluate")
+    splits = load_splits(release, benign_sample, cfg.seed)
+    prompts = (pl.concat([f.select("prompt_id", "prompt", "category") for f in splits.values()])
+               .unique("prompt_id", keep="first", maintain_order=True))
+    with LLMHub(cfg.cache_path) as hub:
+        ctx = BuildContext(cfg, hub, resolve_categories(cfg.categories), cfg.work_dir)
+        responses, failures = answer_all(ctx, prompts, cfg.targets, "target")
+        usage = hub.usage_rows()
+    scores = score(scoring_frame(responses, splits), seed=cfg.seed)
+    folder = release / "evaluations" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    with atomic_folder(folder) as tmp:
+        write_parquet(tmp / "responses.parquet", responses)
+        write_parquet(tmp / "failures.parquet", failures)
+        write_csv(tmp / "scores.csv", scores)
+        write_csv(tmp / "usage.csv", pl.DataFrame(usage) if usage else pl.DataFrame())
+        scatter_plot(scores, tmp / "scatter.png")
+        category_plot(scores, tmp / "categories.png")
+    write_report(release)
+    return folder
+
+
+@flow(name="orforge-evaluate", persist_result=False)
+def evaluate_flow(release: str, config_path: str, benign_sample: int | None = None) -> str:
+    return str(evaluate(Path(release), load_config(config_path), benign_sample))
