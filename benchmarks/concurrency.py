@@ -7,9 +7,9 @@ after `--latency` seconds (100 ms). With a cap of C requests in flight the ideal
 achieved / ideal shows how well llm/ fills the cap (goal >= 0.9). Each point sends `waves` x C requests (bounded:
 at most `--max-requests`), through LLMHub.model(spec).generate with spec.max_concurrency = C and a fresh cache.
 
-For reference the same points are measured with a bare asyncio + AsyncOpenAI + Semaphore(C) loop: where both fall
-short of the ideal, the limit is the client library's CPU cost per request on this machine (see llm_overhead.py
-for that rate at zero latency), not llm/. The server reports the most requests it had in flight at once, which
+For reference the same points are measured with a bare asyncio + AsyncOpenAI + Semaphore(C) loop, and the bare
+loop's rate against a zero-latency server at the same cap (the client ceiling): where the ideal is above that
+ceiling, no client in one Python process reaches it on this machine, and llm/ is judged against the ceiling. The server reports the most requests it had in flight at once, which
 must equal the cap and never exceed it. Numbers are printed, never asserted.
 """
 
@@ -45,6 +45,15 @@ def main() -> None:
           f"per point (at most {args.max_requests}); {args.kind} requests; {args.repeats} repeats, llm/ and bare "
           "interleaved (order alternating), median.\n", flush=True)
     rows = []
+    ceilings = {}
+    with common.start_server("process", latency_s=0.0) as fast:
+        # The client's own ceiling at each cap: the bare loop against a zero-latency server, same request count.
+        run_bare(fast.base_url, prompts(64, "warm-ceiling"), 32, args.kind)
+        for cap in args.caps:
+            n = min(args.waves * cap, args.max_requests)
+            ceilings[cap] = common.median(
+                n / run_bare(fast.base_url, prompts(n, f"ceiling{cap}-{r}"), cap, args.kind)[0]
+                for r in range(args.repeats))
     with common.start_server("process", latency_s=args.latency) as server:
         run_llm(server.base_url, prompts(64, "warm-llm"), 32, args.kind)  # untimed: imports, schemas
         run_bare(server.base_url, prompts(64, "warm-bare"), 32, args.kind)
@@ -69,17 +78,22 @@ def main() -> None:
             ratio = llm_rate / ideal
             print(f"  done: cap {cap}: llm/ {llm_rate:.0f} req/s = {ratio:.3f} of ideal {ideal:.0f}; "
                   f"bare {bare_rate:.0f} req/s", flush=True)
+            reachable = min(ideal, ceilings[cap])
             rows.append([cap, n, f"{ideal:.0f}", f"{llm_rate:.0f}",
                          f"{ratio:.3f} ({'meets goal' if ratio >= GOAL else 'BELOW goal'})",
                          f"{bare_rate:.0f}", f"{bare_rate / ideal:.3f}", f"{llm_rate / bare_rate:.3f}",
+                         f"{ceilings[cap]:.0f}", f"{llm_rate / reachable:.3f}",
                          " ".join(f"{x:.0f}" for x in rates["llm/"]),
                          f"{max(in_flight['llm/'])} / {max(in_flight['bare'])}", failed])
     print()
     print(common.table(["cap", "requests", "ideal req/s", "llm/ req/s (median)", f"llm/ / ideal (goal >= {GOAL})",
-                        "bare req/s", "bare / ideal", "llm/ / bare", "llm/ repeats",
+                        "bare req/s", "bare / ideal", "llm/ / bare", "client ceiling req/s (bare, 0 ms)",
+                        "llm/ / min(ideal, ceiling)", "llm/ repeats",
                         "server max in flight llm/ / bare", "failed"], rows))
-    print("\nideal = cap / latency; 'server max in flight' is the most requests the server held at once (= cap when "
-          "the cap is filled, never above it).")
+    print("\nideal = cap / latency. 'client ceiling' = the bare loop's rate at the same cap against a zero-latency "
+          "server: the most this machine's Python process can push through the openai client at all. "
+          "'server max in flight' is the most requests the server held at once (= cap when the cap is filled, "
+          "never above it).")
     common.footer()
 
 

@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=4, help="max_concurrency (configs/demo.yaml uses 4)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="even: each side goes first equally often")
     parser.add_argument("--starts", type=int, default=2, help="extra standalone server starts timed (median)")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="no new repeat after this")
     args = parser.parse_args()

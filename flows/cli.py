@@ -154,7 +154,7 @@ def models_check(config: ConfigOpt) -> None:
     table = Table(title="models check")
     for col in ("role", "name", "backend", "dialect", "result", "latency", "reply / error"):
         table.add_column(col)
-    failed = 0
+    failures: list[str] = []
     seen: set[tuple[str, str]] = set()
     with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "check.sqlite") as hub:
         for role, spec in cfg.all_specs():
@@ -168,12 +168,15 @@ def models_check(config: ConfigOpt) -> None:
                 ok, detail = result.ok, (result.text if result.ok else result.error)
             except Exception as e:  # noqa: BLE001 - a model that cannot even start is a failed check
                 ok, detail = False, f"{type(e).__name__}: {e}"
-            failed += not ok
+            if not ok:
+                failures.append(f"{role} {spec.label}: {detail}")
             table.add_row(role, spec.label, spec.backend, spec.dialect, "[green]ok[/]" if ok else "[red]failed[/]",
                           f"{time.monotonic() - start:.2f} s", (detail or "")[:120])
     console.print(table)
-    if failed:
-        fail(f"{failed} model(s) failed the check", 1)
+    for line in failures:
+        err.print(f"[red]failed[/] {line}", highlight=False, soft_wrap=True)
+    if failures:
+        fail(f"{len(failures)} model(s) failed the check", 1)
 
 
 @cache_app.command("stats")
