@@ -211,8 +211,10 @@ def start_server(where: str, latency_s: float = 0.0) -> ServerProcess | ServerTh
 
 # -- the two clients under comparison ---------------------------------------------------------------------------
 #
-# Both return (seconds for the batch, number of requests answered). Client construction is outside the timing on
-# both sides; both use the same httpx pool size (the one llm/ configures), so the pool is never what differs.
+# Both return (wall seconds for the batch, CPU seconds of this process meanwhile, number of requests answered).
+# Client construction is outside the timing on both sides; both use the same httpx pool size (the one llm/
+# configures), so the pool is never what differs. CPU seconds are less sensitive than wall time to other work on
+# the machine; they include the server's only when the server runs in a thread of this process.
 
 FAKE_MODEL = "fake-model"
 MAX_TOKENS = 64
@@ -240,7 +242,7 @@ def fake_spec(base_url: str, concurrency: int):
                      max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
 
 
-def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, float, int]:
     """One LLM.generate() over the batch through a fresh LLMHub on a fresh cache (every request a miss)."""
     from llm.hub import LLMHub
     from llm.types import LLMRequest
@@ -249,10 +251,10 @@ def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tup
     requests = [LLMRequest.chat(t, response_model=response_model) for t in texts]
     with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "cache.sqlite") as hub:
         llm = hub.model(fake_spec(base_url, concurrency), role="bench")
-        started = time.perf_counter()
+        cpu, started = time.process_time(), time.perf_counter()
         results = llm.generate(requests)
-        seconds = time.perf_counter() - started
-    return seconds, sum(r.ok for r in results)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return seconds, cpu, sum(r.ok for r in results)
 
 
 def pool_limits(concurrency: int):
@@ -262,7 +264,7 @@ def pool_limits(concurrency: int):
     return httpx.Limits(max_connections=size, max_keepalive_connections=size)
 
 
-async def _bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+async def _bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, float, int]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=MAX_RETRIES, timeout=TIMEOUT_S,
@@ -284,15 +286,15 @@ async def _bare(base_url: str, texts: list[str], concurrency: int, kind: str) ->
         return content is not None
 
     try:
-        started = time.perf_counter()
+        cpu, started = time.process_time(), time.perf_counter()
         outcomes = await asyncio.gather(*(one(t) for t in texts), return_exceptions=True)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         await client.close()
-    return seconds, sum(o is True for o in outcomes)
+    return seconds, cpu, sum(o is True for o in outcomes)
 
 
-def run_bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, int]:
+def run_bare(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, float, int]:
     """asyncio + AsyncOpenAI + asyncio.Semaphore(concurrency) + gather: the loop anyone would write by hand."""
     return asyncio.run(_bare(base_url, texts, concurrency, kind))
 

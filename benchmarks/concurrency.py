@@ -67,7 +67,7 @@ def main() -> None:
             for r in range(args.repeats):
                 for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
                     server.reset()
-                    seconds, ok = SIDES[side](server.base_url, prompts(n, f"cap{cap}-{side}-{r}"), cap, args.kind)
+                    seconds, _, ok = SIDES[side](server.base_url, prompts(n, f"cap{cap}-{side}-{r}"), cap, args.kind)
                     failed += n - ok
                     rates[side].append(n / seconds)
                     in_flight[side].append(server.stats()["max_in_flight"])

@@ -37,6 +37,7 @@ SIDES = {"llm/": run_llm, "bare": run_bare}
 
 def measure(where: str, kind: str, args) -> dict:
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    cpu_us: dict[str, list[float]] = {side: [] for side in SIDES}  # client CPU microseconds per request
     failed = 0
     with common.start_server(where) as server:
         # Warm-up, untimed: imports, pydantic schemas, first connections.
@@ -46,12 +47,12 @@ def measure(where: str, kind: str, args) -> dict:
         server_cpu0, client_cpu0, wall0 = server.stats()["cpu_s"], time.process_time(), time.perf_counter()
         deadline = time.monotonic() + args.max_seconds
         for r in range(args.repeats):
-            order = list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]
-            for side in order:
+            for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
                 texts = prompts(args.requests, f"{where}-{kind}-{side}-{r}")
-                seconds, ok = SIDES[side](server.base_url, texts, args.concurrency, kind)
+                seconds, cpu, ok = SIDES[side](server.base_url, texts, args.concurrency, kind)
                 failed += args.requests - ok
                 rates[side].append(args.requests / seconds)
+                cpu_us[side].append(cpu / args.requests * 1e6)
             if time.monotonic() > deadline:
                 print(f"  ({where}/{kind}: time bound of {args.max_seconds:g}s reached after {r + 1} repeats)")
                 break
@@ -59,8 +60,10 @@ def measure(where: str, kind: str, args) -> dict:
         client_share = (time.process_time() - client_cpu0) / wall
         stats = server.stats()
     server_share = (stats["cpu_s"] - server_cpu0) / wall if stats["cpu_s"] is not None else None
-    llm_rate, bare_rate = common.median(rates["llm/"]), common.median(rates["bare"])
-    return {"where": where, "kind": kind, "llm": llm_rate, "bare": bare_rate, "ratio": llm_rate / bare_rate,
+    m = {side: common.median(rates[side]) for side in SIDES}
+    c = {side: common.median(cpu_us[side]) for side in SIDES}
+    return {"where": where, "kind": kind, "llm": m["llm/"], "bare": m["bare"], "ratio": m["llm/"] / m["bare"],
+            "cpu_llm": c["llm/"], "cpu_bare": c["bare"], "cpu_ratio": c["bare"] / c["llm/"],
             "rates": rates, "failed": failed, "received": stats["chat_requests"],
             "client_share": client_share, "server_share": server_share}
 
@@ -85,21 +88,25 @@ def main() -> None:
         for kind in args.kinds:
             m = measure(where, kind, args)
             verdict = "meets goal" if m["ratio"] >= GOAL else "BELOW goal"
+            server_share = f"{m['server_share']:.0%}" if m["server_share"] is not None else "(same process)"
             rows.append([f"server in {where}", kind, f"{m['llm']:.0f}", f"{m['bare']:.0f}",
                          f"{m['ratio']:.3f} ({verdict})",
+                         f"{m['cpu_llm']:.0f} / {m['cpu_bare']:.0f}", f"{m['cpu_ratio']:.3f}",
                          " ".join(f"{x:.0f}" for x in m["rates"]["llm/"]),
                          " ".join(f"{x:.0f}" for x in m["rates"]["bare"]),
-                         f"{m['failed']}", f"{m['received']}",
-                         f"{m['client_share']:.0%} / " + (f"{m['server_share']:.0%}" if m["server_share"] is not None
-                                                          else "(same process)")])
+                         f"{m['failed']}", f"{m['received']}", f"{m['client_share']:.0%} / {server_share}"])
             print(f"  done: {where} / {kind}: llm/ {m['llm']:.0f} req/s, bare {m['bare']:.0f} req/s, "
-                  f"ratio {m['ratio']:.3f}", flush=True)
+                  f"ratio {m['ratio']:.3f}; client CPU per request {m['cpu_llm']:.0f} vs {m['cpu_bare']:.0f} us",
+                  flush=True)
     print()
     print(common.table(["server", "kind", "llm/ req/s (median)", "bare req/s (median)", f"ratio (goal >= {GOAL})",
-                        "llm/ repeats", "bare repeats", "failed", "server saw", "CPU client / server"], rows))
-    print("\n'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.\n"
-          "'CPU client / server': CPU seconds of each process over the timed wall time (100% = one core busy).\n"
-          "A client near 100% with the server well below it means the client side is the bottleneck, as intended.")
+                        "client CPU us/request llm/ / bare", "CPU ratio bare / llm/", "llm/ repeats",
+                        "bare repeats", "failed", "server saw", "CPU share client / server"], rows))
+    print("\nratio = llm/ req/s / bare req/s (medians). 'CPU ratio' = the same comparison in client CPU per request, "
+          "which other work on the machine disturbs less than wall time.\n"
+          "'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.\n"
+          "'CPU share': CPU seconds of each process over the timed wall time (100% = one core busy). A client near "
+          "100% with the server well below it means the client is the bottleneck, as intended.")
     common.footer()
 
 

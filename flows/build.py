@@ -208,15 +208,25 @@ def build_flow(config_path: str, output: str | None = None) -> str:
     return str(build(cfg, Path(output) if output else None))
 
 
-def build(cfg: BuildConfig, output: Path | None = None) -> Path:
-    """The build's body; call it inside a flow run (build_flow) so its tasks are tracked."""
-    started = datetime.now(UTC)
-    categories = resolve_categories(cfg.categories)
-    work_dir = cfg.work_dir
-    folder = output or release_folder(cfg, started)
+@dataclass
+class Pipeline:
+    """Everything a build produced, before it is written as a release."""
+
+    splits: dict[str, pl.DataFrame]
+    votes: pl.DataFrame
+    failures: pl.DataFrame
+    responses: pl.DataFrame | None
+    dedup: pl.DataFrame
+    funnel: pl.DataFrame
+    tokens: dict[str, dict]
+    notes: dict
+
+
+def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
+    """Seeds -> rewrites -> moderation -> dedup -> panel -> splits, for `categories`; call it inside a flow run."""
     rep = reporter()
     with LLMHub(cfg.cache_path) as hub:
-        ctx = BuildContext(cfg, hub, categories, work_dir)
+        ctx = BuildContext(cfg, hub, categories, cfg.work_dir)
 
         # 1. seeds, one task per category
         prog = rep.stage("seeds", len(categories) * seeds_stage.call_budget(cfg.seeds))
@@ -262,32 +272,41 @@ def build(cfg: BuildConfig, output: Path | None = None) -> Path:
         else:
             notes["hard"] = "not built: no refusal panel configured"
 
-        # 6. the release
+        # 6. the splits
         splits = assemble_splits(candidates, decisions, dedup_results["benign"], dedup_results["toxic"], seeds,
                                  cfg.splits, cfg.toxic, cfg.seed, hard)
         if hard is not None:
-            answered = hard.height
             notes["hard"] = (f"{splits['hard'].height} prompts refused by at least {cfg.splits.hard_min_rejections} "
-                             f"of {len(cfg.panel.members)} panel members, out of {answered} answered")
+                             f"of {len(cfg.panel.members)} panel members, out of {hard.height} answered")
         funnel_frame = funnel(seeds, candidates, decisions, dedup_results["benign"], dedup_results["toxic"], splits)
-        failures = pl.concat([seed_failures, rewrite_failures, vote_failures, panel_failures])
+        # Every candidate with its decision, for audits and for tracing where each one went.
+        splits["candidates"] = candidates.join(decisions, on="prompt_id", how="left")
         usage = hub.usage_rows()
-        tokens: dict[str, dict] = {}
-        for row in usage:
-            role = tokens.setdefault(row["role"], {"requests": 0, "cached": 0, "failures": 0, "prompt_tokens": 0,
-                                                   "completion_tokens": 0})
-            for k in role:
-                role[k] += row[k]
-        notes["shards"] = {"reused": ctx.shards_reused, "run": ctx.shards_run}
-        notes["usage_by_model"] = usage
-        info = ManifestInfo(config=cfg, funnel=funnel_frame, tokens=tokens, notes=notes, name=cfg.name,
-                            created=started.isoformat(timespec="seconds"))
-        dedup_frame = pl.concat([frame.with_columns(pl.lit(pool).alias("pool")).select("pool", *frame.columns)
-                                 for pool, frame in dedup_results.items()])
-        write_release(folder, splits, votes, failures, info, responses=responses, dedup=dedup_frame)
-    write_report(folder)
+    tokens: dict[str, dict] = {}
+    for row in usage:
+        role = tokens.setdefault(row["role"], {"requests": 0, "cached": 0, "failures": 0, "prompt_tokens": 0,
+                                               "completion_tokens": 0})
+        for k in role:
+            role[k] += row[k]
+    notes["shards"] = {"reused": ctx.shards_reused, "run": ctx.shards_run}
+    notes["usage_by_model"] = usage
+    dedup_frame = pl.concat([frame.with_columns(pl.lit(pool).alias("pool")).select("pool", *frame.columns)
+                             for pool, frame in dedup_results.items()])
+    failures = pl.concat([seed_failures, rewrite_failures, vote_failures, panel_failures])
+    return Pipeline(splits, votes, failures, responses, dedup_frame, funnel_frame, tokens, notes)
 
-    _publish_artifact(cfg, funnel_frame, folder)
+
+def build(cfg: BuildConfig, output: Path | None = None) -> Path:
+    """Run the pipeline over the config's categories and write the release; call it inside a flow run."""
+    started = datetime.now(UTC)
+    folder = output or release_folder(cfg, started)
+    result = run_pipeline(cfg, resolve_categories(cfg.categories))
+    info = ManifestInfo(config=cfg, funnel=result.funnel, tokens=result.tokens, notes=result.notes, name=cfg.name,
+                        created=started.isoformat(timespec="seconds"))
+    write_release(folder, result.splits, result.votes, result.failures, info, responses=result.responses,
+                  dedup=result.dedup)
+    write_report(folder)
+    _publish_artifact(cfg, result.funnel, folder)
     return folder
 
 

@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 CARD = "README.md"
 CSV_COLUMNS = ("prompt", "category")
 # Frames kept in the release for the record but not offered as a dataset config.
-RECORD_ONLY_SPLITS = frozenset({"contested"})
+RECORD_ONLY_SPLITS = frozenset({"contested", "candidates"})
 # Written into a release after it is sealed (audit, evaluate, the report) and rewritten by later commands: they are
 # derived from the hashed files, so the manifest does not list them and `verify_release` does not flag them.
 DERIVED = ("report.html", "audit/", "evaluations/")
