@@ -139,6 +139,41 @@ def evaluate(
     console.print(f"plots: {folder / 'scatter.png'}, {folder / 'categories.png'}; report: {release / 'report.html'}")
 
 
+@app.command()
+def audit(
+    release: Annotated[Path, typer.Option(help="A release folder written by `orforge build`.")],
+    human: Annotated[Path | None, typer.Option(help="CSV with `label` (toxic/benign) and `id` or `prompt`.")]
+    = None,
+) -> None:
+    """Moderator agreement: pairwise and Fleiss' kappa, toxic rates, category confusion, the most contested prompts."""
+    from flows.audit import AuditInputError, audit_flow, check_inputs
+
+    try:
+        check_inputs(release, human)
+    except AuditInputError as e:
+        fail(str(e), 2)
+    try:
+        folder = Path(audit_flow(release=str(release), human=str(human) if human else None))
+    except Exception as e:  # noqa: BLE001
+        fail(f"audit failed: {type(e).__name__}: {e}", 1)
+    import polars as pl
+
+    pairwise = pl.read_csv(folder / "pairwise.csv").filter(pl.col("category") == "all")
+    table = Table(title=f"moderator agreement: {folder}")
+    for col in ("moderator a", "moderator b", "n", "raw agreement", "Cohen's kappa"):
+        table.add_column(col)
+    for row in pairwise.iter_rows(named=True):
+        kappa = "n/a" if row["cohen_kappa"] is None else f"{row['cohen_kappa']:.3f}"
+        table.add_row(row["moderator_a"], row["moderator_b"], str(row["n"]), f"{row['raw_agreement']:.3f}", kappa)
+    console.print(table)
+    if (folder / "human.csv").exists():
+        human_table = pl.read_csv(folder / "human.csv")
+        for row in human_table.iter_rows(named=True):
+            console.print(f"vs human: {row['moderator']}: accuracy {row['accuracy']}, kappa {row['cohen_kappa']} "
+                          f"({row['n_matched']} matched)")
+    console.print(f"audit files in {folder}; report: {release / 'report.html'}")
+
+
 @models_app.command("check")
 def models_check(config: ConfigOpt) -> None:
     """Send one tiny structured request to every configured model; exit 1 if any fails."""
