@@ -174,6 +174,67 @@ def audit(
     console.print(f"audit files in {folder}; report: {release / 'report.html'}")
 
 
+@app.command("add-category")
+def add_category(
+    release: Annotated[Path, typer.Option(help="The release folder to extend.")],
+    name: Annotated[str | None, typer.Option(help="The new category's name (lowercase, digits, - or _).")] = None,
+    description: Annotated[str | None, typer.Option(help="One sentence saying what belongs in it.")] = None,
+    examples: Annotated[Path | None, typer.Option(help="Example prompts, one per line (or a CSV with `prompt`).")]
+    = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Models to use, and/or new categories in "
+                                                "categories.custom (default: the release's own config).")] = None,
+    output: Annotated[Path | None, typer.Option(help="New release folder (default: beside the old one).")] = None,
+) -> None:
+    """Add rejection categories to a release: a new release folder with the old rows unchanged plus the new ones."""
+    from pydantic import ValidationError
+
+    from core.config import CategorySpec
+    from flows.add_category import AddCategoryError, add_category_flow, existing_categories, plan
+
+    cfg = load(config) if config else None
+    new: list[CategorySpec] = []
+    if name or description:
+        if not (name and description):
+            fail("--name and --description go together", 2)
+        example_list: list[str] = []
+        if examples is not None:
+            if not examples.is_file():
+                fail(f"--examples {examples}: no such file", 2)
+            if examples.suffix == ".csv":
+                import polars as pl
+
+                example_list = pl.read_csv(examples)["prompt"].to_list()
+            else:
+                example_list = [line.strip() for line in examples.read_text().splitlines() if line.strip()]
+        try:
+            new.append(CategorySpec(name=name, description=description, examples=example_list))
+        except ValidationError as e:
+            fail(f"--name {name!r}: {e.errors()[0]['msg']}", 2)
+    elif cfg is not None:
+        try:
+            taken = existing_categories(release)
+        except Exception:  # noqa: BLE001 - plan() below reports what is wrong with the release
+            taken = set()
+        new = [c for c in cfg.categories.custom if c.name not in taken]
+    try:
+        plan(release, new, cfg)
+    except AddCategoryError as e:
+        fail(str(e), 2)
+    if output is not None and output.exists():
+        fail(f"--output {output} already exists", 2)
+    from flows.progress import RichReporter, use_reporter
+
+    started = time.monotonic()
+    try:
+        with use_reporter(RichReporter(err)):
+            folder = add_category_flow(release=str(release), categories=[c.model_dump() for c in new],
+                                       config_path=str(config) if config else None,
+                                       output=str(output) if output else None)
+    except Exception as e:  # noqa: BLE001
+        fail(f"add-category failed: {type(e).__name__}: {e}", 1)
+    _print_summary(Path(folder), time.monotonic() - started)
+
+
 @models_app.command("check")
 def models_check(config: ConfigOpt) -> None:
     """Send one tiny structured request to every configured model; exit 1 if any fails."""
