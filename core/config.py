@@ -95,8 +95,8 @@ class SeedsConfig(Strict):
     @model_validator(mode="after")
     def _sampled_by_default(self) -> SeedsConfig:
         # Seeds are sampled (each call its own sample index); a spec that does not say gets temperature 1.0.
-        if "temperature" not in self.model.model_fields_set:
-            self.model.temperature = 1.0
+        if "temperature" not in self.model.model_fields_set:  # a copy: the spec may be shared with other roles
+            self.model = self.model.model_copy(update={"temperature": 1.0})
         return self
 
 

@@ -34,7 +34,7 @@ def rewrite(seeds: pl.DataFrame, spec: RewritesConfig, llm: LLM, on_progress=Non
             failures.append({"stage": "rewrites", "role": llm.role, "model": llm.label, "item_id": s["seed_id"],
                              "reason": res.error})
             continue
-        for text in res.parsed.prompts[: spec.rewrites_per_seed]:
+        for text in res.parsed.prompts:  # the schema caps the list at rewrites_per_seed
             prompt_id = stable_hash(["prompt", s["category"], normalize(text)])
             if prompt_id in seen:
                 continue

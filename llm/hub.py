@@ -68,6 +68,8 @@ class LLM:
     def generate(self, requests: list[LLMRequest], on_progress: ProgressFn | None = None) -> list[LLMResult]:
         if not requests:
             return []
+        if self.hub._closed:
+            raise RuntimeError("the LLM hub is closed")
         fut = asyncio.run_coroutine_threadsafe(self.hub._generate(self, list(requests), on_progress), self.hub.loop)
         return fut.result()
 
@@ -229,10 +231,16 @@ class LLMHub:
             return
         self._closed = True
         try:
-            async def close_backends() -> None:
+            async def shutdown() -> None:
+                # Cancel whatever is still in flight (another task's batch when a stage failed), so no thread
+                # stays blocked in generate() on a loop that is about to stop.
+                pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
                 await asyncio.gather(*(b.aclose() for b in self._backends.values()), return_exceptions=True)
 
-            asyncio.run_coroutine_threadsafe(close_backends(), self.loop).result(30)
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(30)
         finally:
             for svc in self._services.values():
                 svc.stop()

@@ -136,7 +136,9 @@ def test_yaml_anchors_under_x_keys_are_reused_and_not_config(tmp_path):
     assert [m.label for m in mods] == ["small-a", "small-b", "big-model"]
     assert [m.max_concurrency for m in mods] == [2, 4, 8]
     assert (cfg.rewrites.model.model, cfg.rewrites.model.temperature) == ("big-model", 0.9)
-    assert cfg.seeds.model == ModelSpec(backend="openai", base_url="http://127.0.0.1:9/v1", model="big-model")
+    # seeds default to temperature 1.0 (sampled) when the spec does not say
+    assert cfg.seeds.model == ModelSpec(backend="openai", base_url="http://127.0.0.1:9/v1", model="big-model",
+                                        temperature=1.0)
 
 
 def test_duplicate_moderator_names_are_an_error(tmp_path):

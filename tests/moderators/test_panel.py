@@ -51,9 +51,10 @@ def script(fake_server) -> None:
 
 
 def panel(make_spec, llm_hub) -> list:
-    specs = [make_spec(name="member-a", system_prompt="You are member-a."),
+    # Not in name order, so that `rejected_by` being sorted is the stage's doing.
+    specs = [make_spec(name="member-c", model="other-model", max_retries=0),
              make_spec(name="member-b", system_prompt="You are member-b."),
-             make_spec(name="member-c", model="other-model", max_retries=0)]
+             make_spec(name="member-a", system_prompt="You are member-a.")]
     return [llm_hub.model(s, "panel") for s in specs]
 
 
