@@ -9,8 +9,9 @@ at most `--max-requests`), through LLMHub.model(spec).generate with spec.max_con
 
 For reference the same points are measured with a bare asyncio + AsyncOpenAI + Semaphore(C) loop, and the bare
 loop's rate against a zero-latency server at the same cap (the client ceiling): where the ideal is above that
-ceiling, no client in one Python process reaches it on this machine, and llm/ is judged against the ceiling. The server reports the most requests it had in flight at once, which
-must equal the cap and never exceed it. Numbers are printed, never asserted.
+ceiling, no client in one Python process reaches it on this machine, and llm/ is judged against the ceiling. The
+server reports the most requests it had in flight at once, which must equal the cap and never exceed it. Numbers
+are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main() -> None:
             for r in range(args.repeats):
                 for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
                     server.reset()
-                    seconds, _, ok = SIDES[side](server.base_url, prompts(n, f"cap{cap}-{side}-{r}"), cap, args.kind)
+                    texts = prompts(n, f"cap{cap}-{side}-{r}")
+                    seconds, _, ok = SIDES[side](server.base_url, texts, cap, args.kind)
                     failed += n - ok
                     rates[side].append(n / seconds)
                     in_flight[side].append(server.stats()["max_in_flight"])

@@ -78,7 +78,8 @@ class Embedder:
         else:
             path = Path(cache_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None)
+            # Parallel tasks may share one store: WAL lets readers run beside the writer, writers wait their turn.
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(

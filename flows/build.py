@@ -120,17 +120,32 @@ def moderation_task(ctx: BuildContext, candidates: pl.DataFrame, category: str, 
 
 @task(name="dedup", **TASK_OPTS)
 def dedup_task(ctx: BuildContext, pool_frames: dict[str, pl.DataFrame], against: pl.DataFrame) -> dict[str, StageResult]:
-    """Both pools in one task: MiniLM loads once (only if some text is not in the embedding cache)."""
+    """Both pools in one task: MiniLM loads once (only if some text is not in the embedding cache).
+
+    A prompt that is itself in an earlier release (`dedup.against`, same prompt id) is not a duplicate of itself: it
+    stays, and only the pool's new prompts are compared, with each other and with every earlier prompt.
+    """
     with Embedder(ctx.work_dir / "embeddings.sqlite") as embedder:
-        against_vectors = embedder.encode(against["prompt"].to_list()) if against.height else None
-        against_ids = against["prompt_id"].to_list() if against.height else None
         results = {}
         for pool, records in pool_frames.items():
-            key = ["dedup", pool, records.select("prompt_id", "prompt").rows(), ctx.cfg.dedup.threshold,
-                   against_ids]
-            results[pool] = run_shard(ctx, "dedup", key, lambda records=records: near_dedup(
-                records, embedder.encode(records["prompt"].to_list()), ctx.cfg.dedup.threshold, against_vectors,
-                against_ids))
+            released = pl.col("prompt_id").is_in(against["prompt_id"].implode())
+            new = records.filter(~released)
+            key = ["dedup", pool, new.select("prompt_id", "prompt").rows(), ctx.cfg.dedup.threshold,
+                   against["prompt_id"].to_list()]
+
+            def compute(new=new) -> StageResult:
+                return near_dedup(new, embedder.encode(new["prompt"].to_list()), ctx.cfg.dedup.threshold,
+                                  embedder.encode(against["prompt"].to_list()) if against.height else None,
+                                  against["prompt_id"].to_list() if against.height else None)
+
+            result = run_shard(ctx, "dedup", key, compute)
+            kept_released = records.filter(released).select(
+                "prompt_id", pl.lit(True).alias("kept"), pl.lit(None, pl.Utf8).alias("duplicate_of"),
+                pl.lit(None, pl.Float64).alias("similarity"))
+            order = records.select("prompt_id").with_row_index("_order")
+            result.records = (pl.concat([result.records, kept_released.cast(result.records.schema)])
+                              .join(order, on="prompt_id").sort("_order").drop("_order"))
+            results[pool] = result
     return results
 
 
@@ -164,6 +179,18 @@ def answer_all(ctx: BuildContext, prompts: pl.DataFrame, specs: list, role: str)
 
 
 # -- the flow -------------------------------------------------------------------------------------------------------
+class StageFailedError(RuntimeError):
+    """Every request of a stage failed (a dead endpoint, a wrong model name or key): the build stops rather than
+    write a release built from nothing."""
+
+
+def _require_some(stage: str, succeeded: int, failures: pl.DataFrame) -> None:
+    if succeeded == 0 and failures.height:
+        first = failures.row(0, named=True)
+        raise StageFailedError(f"every {stage} request failed ({failures.height} failures); first failure, "
+                               f"{first['model']}: {first['reason']}")
+
+
 def _collect(futures, schema: dict) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     results: list[StageResult] = [f.result() for f in futures]
     records = pl.concat([r.records for r in results], how="vertical") if results else empty(schema)
@@ -231,6 +258,7 @@ def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
         # 1. seeds, one task per category
         prog = rep.stage("seeds", len(categories) * seeds_stage.call_budget(cfg.seeds))
         seeds, seed_failures, notes = _collect([seeds_task.submit(ctx, c.name, prog) for c in categories], SEEDS)
+        _require_some("seeds", seeds.height, seed_failures)
         rep.done("seeds")
 
         # 2. rewrites, per category x shard of seeds
@@ -239,6 +267,7 @@ def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
                    for c in categories
                    for i, part in enumerate(shards(seeds.filter(pl.col("category") == c.name), cfg.shard_size))]
         candidates, rewrite_failures, _ = _collect(futures, CANDIDATES)
+        _require_some("rewrites", candidates.height, rewrite_failures)
         candidates = candidates.unique("prompt_id", keep="first", maintain_order=True)
         rep.done("rewrites")
 
@@ -250,6 +279,7 @@ def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
                    for i, part in enumerate(shards(candidates.filter(pl.col("category") == c.name),
                                                    cfg.shard_size))]
         votes, vote_failures, _ = _collect(futures, VOTES)
+        _require_some("moderation", votes.height, vote_failures)
         votes = votes.sort("prompt_id", "moderator")  # the same release whatever the shard size
         decisions = ensemble.decide(candidates, votes, n_mods, cfg.moderation.vote)
         rep.done("moderation")
@@ -268,6 +298,7 @@ def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
             if cfg.panel.sample is not None and cfg.panel.sample < benign_kept.height:
                 benign_kept = balanced_sample(benign_kept, size=cfg.panel.sample, seed=cfg.seed)
             responses, panel_failures = answer_all(ctx, benign_kept, cfg.panel.members, "panel")
+            _require_some("panel", responses["response"].is_not_null().sum(), panel_failures)
             hard = panel.hard_members(responses)
         else:
             notes["hard"] = "not built: no refusal panel configured"

@@ -6,6 +6,7 @@ Every command validates its inputs before it starts a flow or writes a file.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -62,8 +63,12 @@ def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="R
           "<output_dir>/<name>/<timestamp>).")] = None) -> None:
     """Run the build flow: seeds -> rewrites -> moderator vote -> dedup -> panel -> release."""
     cfg = load(config)
-    if output is not None and output.exists() and any(output.iterdir()):
+    if output is not None and output.is_dir() and any(output.iterdir()):
         fail(f"--output {output} exists and is not empty; choose a new folder", 2)
+    for what, path in (("--output", output) if output else (f"{config}: output_dir", cfg.output_dir / cfg.name),
+                       (f"{config}: work_dir", cfg.work_dir), (f"{config}: cache_path", cfg.cache_path.parent)):
+        if problem := _cannot_create_folder(path):
+            fail(f"{what} {path}: {problem}", 2)
     from flows.build import build_flow
     from flows.progress import RichReporter, use_reporter
 
@@ -76,6 +81,18 @@ def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="R
     except Exception as e:  # noqa: BLE001 - the CLI turns any run failure into one clear line and exit 1
         fail(f"build failed: {type(e).__name__}: {e}", 1)
     _print_summary(Path(folder), time.monotonic() - started)
+
+
+def _cannot_create_folder(path: Path) -> str | None:
+    """Why a folder at `path` could not be created (or used), or None. Checked before the build spends anything."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _print_summary(folder: Path, seconds: float) -> None:
@@ -233,6 +250,29 @@ def add_category(
     except Exception as e:  # noqa: BLE001
         fail(f"add-category failed: {type(e).__name__}: {e}", 1)
     _print_summary(Path(folder), time.monotonic() - started)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt,
+    cron: Annotated[str, typer.Option(help='When to rebuild, as cron: "0 3 * * 1" is Mondays at 03:00 UTC.')],
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the config's name).")] = None,
+) -> None:
+    """Rebuild on a schedule: register a cron deployment on the Prefect server at PREFECT_API_URL and serve it.
+
+    Each run writes a new dated release with diff.json/diff.md against the previous one. Ctrl-C stops serving and
+    pauses the deployment.
+    """
+    load(config)
+    from flows.schedule import ScheduleError
+    from flows.schedule import serve as serve_schedule
+
+    try:
+        serve_schedule(config, cron, name)  # checks cron, name and server before registering anything
+    except ScheduleError as e:
+        fail(str(e), 2)
+    except Exception as e:  # noqa: BLE001 - the CLI turns any serving failure into one clear line and exit 1
+        fail(f"serve failed: {type(e).__name__}: {e}", 1)
 
 
 @models_app.command("check")

@@ -34,7 +34,7 @@ CSV_COLUMNS = ("prompt", "category")
 RECORD_ONLY_SPLITS = frozenset({"contested", "candidates"})
 # Written into a release after it is sealed (audit, evaluate, the report) and rewritten by later commands: they are
 # derived from the hashed files, so the manifest does not list them and `verify_release` does not flag them.
-DERIVED = ("report.html", "audit/", "evaluations/")
+DERIVED = ("report.html", "audit/", "evaluations/", "diff.json", "diff.md")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 # Config keys whose values must not reach a public manifest (a `${VAR}` may have expanded a key into `extra`).
