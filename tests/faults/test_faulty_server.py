@@ -8,6 +8,8 @@ import re
 import polars as pl
 import pytest
 
+from core.config import stable_hash
+from core.templates import normalize
 from llm.hub import MAX_REASKS
 from tests.fakeserver import Fault
 from tests.faults.support import TRANSPORT_FAULTS, check_release_bookkeeping, edit_config, logical_id
@@ -81,9 +83,11 @@ def test_random_faults_then_rerun_completes_only_what_failed(prefect_harness, fa
     about_candidate = [r for r in run1 if stage_of(r.body) == "ModerationVerdict" and _about(r.body) == poison.candidate]
     assert len(about_candidate) >= 3 * (1 + SPEC_SETTINGS["max_retries"])
     stage_failures = {stage: failures.filter(pl.col("stage") == stage) for stage in ("rewrites", "moderation")}
-    poisoned_seed = stage_failures["rewrites"].filter(pl.col("reason").str.starts_with("invalid JSON"))["item_id"]
-    assert poisoned_seed.len() == 1
-    poisoned_seed = poisoned_seed[0]
+    category = re.search(r"Category: (\S+)", about_seed[0].last_user).group(1)
+    poisoned_seed = stable_hash(["seed", category, normalize(poison.seed)])  # how seed ids are made
+    reason = stage_failures["rewrites"].filter(pl.col("item_id") == poisoned_seed)["reason"].to_list()
+    # Invalid JSON, unless a random fault had the last word: then it is another malformed reply.
+    assert len(reason) == 1 and re.match(r"invalid JSON|truncated|empty choices", reason[0]), reason
     assert poisoned_seed not in set(candidates["seed_id"])  # it has no candidates, and is still a seed:
     assert poisoned_seed in set(pl.read_parquet(first / "dedup.parquet")["prompt_id"])
     unjudged = candidates.filter(pl.col("prompt") == poison.candidate)
@@ -117,8 +121,9 @@ def test_random_faults_then_rerun_completes_only_what_failed(prefect_harness, fa
     assert two["candidates"].filter(pl.col("prompt") == poison.candidate)["decision"][0] != "unjudged"
     old_votes = set(two["votes"].filter(pl.col("prompt_id").is_in(list(old_ids))).iter_rows())
     first_votes = set(one["votes"].iter_rows())
-    assert first_votes <= old_votes
-    assert {v[0] for v in old_votes - first_votes} == set(unjudged["prompt_id"]) and len(old_votes - first_votes) == 3
+    assert first_votes <= old_votes  # the votes added are the ones that failed, and nothing else
+    failed_votes = set(stage_failures["moderation"].select("item_id", "model").iter_rows())
+    assert {(v[0], v[1]) for v in old_votes - first_votes} == failed_votes
 
     # What the rerun sent: the requests that never got a good answer in the first run, and requests about prompts
     # the first run never had (votes on the new candidates, panel answers on new benign prompts). Nothing answered
@@ -136,7 +141,10 @@ def test_random_faults_then_rerun_completes_only_what_failed(prefect_harness, fa
         stages[stage] = stages.get(stage, 0) + 1
         if not (stage in ("ModerationVerdict", "panel") and _about(r.body) in new_prompts):
             assert logical_id(r.body) in asked, f"the rerun asked something new that is not about a new prompt: {stage}"
+    # Every failure of the first run is asked once more (the two poisoned items, and any random fault that
+    # outlasted the retries), plus the new prompts' votes and answers.
+    n_failed = dict(failures.group_by("stage").len().iter_rows())
     assert "SeedPrompts" not in stages
-    assert stages["Rewrites"] == 1  # the poisoned seed, once
-    assert stages["ModerationVerdict"] == 3 * new.height + 3  # the new candidates, and the unjudged one again
-    assert stages.get("panel", 0) == 3 * len(new_benign)
+    assert stages["Rewrites"] == n_failed["rewrites"]
+    assert stages["ModerationVerdict"] == n_failed["moderation"] + 3 * new.height
+    assert stages.get("panel", 0) == n_failed.get("panel", 0) + 3 * len(new_benign)
