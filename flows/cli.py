@@ -51,6 +51,26 @@ def load(path: Path) -> BuildConfig:
         fail(str(e), 2)
 
 
+def run_flow(what: str, flow_fn, **params) -> str:
+    """Run a flow with progress bars; any failure becomes one line and exit code 1 (interrupts say how to resume)."""
+    from flows.progress import RichReporter, use_reporter
+
+    try:
+        with use_reporter(RichReporter(err)):
+            return flow_fn(**params)
+    except KeyboardInterrupt:
+        fail(f"{what} interrupted; finished shards and every answered request are kept: run it again to resume", 1)
+    except Exception as e:  # noqa: BLE001 - the CLI turns any run failure into one clear line and exit 1
+        fail(f"{what} failed: {type(e).__name__}: {e}", 1)
+
+
+def new_table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    return table
+
+
 @app.command("validate-config")
 def validate_config(file: Annotated[Path, typer.Argument(help="The YAML config to check.")]) -> None:
     """Check a config without running anything: exit 0 when valid, 2 with the first problem otherwise."""
@@ -70,16 +90,9 @@ def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="R
         if problem := _cannot_create_folder(path):
             fail(f"{what} {path}: {problem}", 2)
     from flows.build import build_flow
-    from flows.progress import RichReporter, use_reporter
 
     started = time.monotonic()
-    try:
-        with use_reporter(RichReporter(err)):
-            folder = build_flow(config_path=str(config), output=str(output) if output else None)
-    except KeyboardInterrupt:
-        fail("interrupted; finished shards and every answered request are kept, run the same command to resume", 1)
-    except Exception as e:  # noqa: BLE001 - the CLI turns any run failure into one clear line and exit 1
-        fail(f"build failed: {type(e).__name__}: {e}", 1)
+    folder = run_flow("build", build_flow, config_path=str(config), output=str(output) if output else None)
     _print_summary(Path(folder), time.monotonic() - started)
 
 
@@ -99,9 +112,7 @@ def _print_summary(folder: Path, seconds: float) -> None:
     from outputs.release import read_manifest
 
     manifest = read_manifest(folder)
-    table = Table(title=f"orforge build: {folder}")
-    for col in ("split", "rows", "by category"):
-        table.add_column(col)
+    table = new_table(f"orforge build: {folder}", "split", "rows", "by category")
     for split in manifest["splits"]:
         cats = ", ".join(f"{k} {v}" for k, v in split["by_category"].items())
         table.add_row(split["name"], str(split["rows"]), cats)
@@ -136,19 +147,13 @@ def evaluate(
         load_splits(release, None, cfg.seed)
     except EvaluateInputError as e:
         fail(str(e), 2)
-    from flows.progress import RichReporter, use_reporter
-
-    try:
-        with use_reporter(RichReporter(err)):
-            folder = Path(evaluate_flow(release=str(release), config_path=str(config), benign_sample=benign_sample))
-    except Exception as e:  # noqa: BLE001
-        fail(f"evaluate failed: {type(e).__name__}: {e}", 1)
+    folder = Path(run_flow("evaluate", evaluate_flow, release=str(release), config_path=str(config),
+                           benign_sample=benign_sample))
     import polars as pl
 
     scores = pl.read_csv(folder / "scores.csv").filter(pl.col("category") == "all")
-    table = Table(title=f"rejection rates (95% bootstrap interval): {folder}")
-    for col in ("model", "split", "n", "rejection rate", "95% CI"):
-        table.add_column(col)
+    table = new_table(f"rejection rates (95% bootstrap interval): {folder}", "model", "split", "n", "rejection rate",
+                      "95% CI")
     for row in scores.iter_rows(named=True):
         table.add_row(row["model"], row["split"], str(row["n"]), f"{row['rejection_rate']:.3f}",
                       f"{row['ci_low']:.3f} - {row['ci_high']:.3f}")
@@ -169,16 +174,12 @@ def audit(
         check_inputs(release, human)
     except AuditInputError as e:
         fail(str(e), 2)
-    try:
-        folder = Path(audit_flow(release=str(release), human=str(human) if human else None))
-    except Exception as e:  # noqa: BLE001
-        fail(f"audit failed: {type(e).__name__}: {e}", 1)
+    folder = Path(run_flow("audit", audit_flow, release=str(release), human=str(human) if human else None))
     import polars as pl
 
     pairwise = pl.read_csv(folder / "pairwise.csv").filter(pl.col("category") == "all")
-    table = Table(title=f"moderator agreement: {folder}")
-    for col in ("moderator a", "moderator b", "n", "raw agreement", "Cohen's kappa"):
-        table.add_column(col)
+    table = new_table(f"moderator agreement: {folder}", "moderator a", "moderator b", "n", "raw agreement",
+                      "Cohen's kappa")
     for row in pairwise.iter_rows(named=True):
         kappa = "n/a" if row["cohen_kappa"] is None else f"{row['cohen_kappa']:.3f}"
         table.add_row(row["moderator_a"], row["moderator_b"], str(row["n"]), f"{row['raw_agreement']:.3f}", kappa)
@@ -239,16 +240,10 @@ def add_category(
         fail(str(e), 2)
     if output is not None and output.exists():
         fail(f"--output {output} already exists", 2)
-    from flows.progress import RichReporter, use_reporter
-
     started = time.monotonic()
-    try:
-        with use_reporter(RichReporter(err)):
-            folder = add_category_flow(release=str(release), categories=[c.model_dump() for c in new],
-                                       config_path=str(config) if config else None,
-                                       output=str(output) if output else None)
-    except Exception as e:  # noqa: BLE001
-        fail(f"add-category failed: {type(e).__name__}: {e}", 1)
+    folder = run_flow("add-category", add_category_flow, release=str(release),
+                      categories=[c.model_dump() for c in new], config_path=str(config) if config else None,
+                      output=str(output) if output else None)
     _print_summary(Path(folder), time.monotonic() - started)
 
 
@@ -287,9 +282,7 @@ def models_check(config: ConfigOpt) -> None:
         ok: bool
 
     cfg = load(config)
-    table = Table(title="models check")
-    for col in ("role", "name", "backend", "dialect", "result", "latency", "reply / error"):
-        table.add_column(col)
+    table = new_table("models check", "role", "name", "backend", "dialect", "result", "latency", "reply / error")
     failures: list[str] = []
     seen: set[tuple[str, str]] = set()
     with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "check.sqlite") as hub:
@@ -327,9 +320,8 @@ def cache_stats(config: ConfigOpt) -> None:
     cache = Cache(cfg.cache_path)
     stats = cache.stats()
     cache.close()
-    table = Table(title=f"cache {stats['path']}: {stats['entries']} entries, {stats['bytes'] / 1e6:.1f} MB")
-    for col in ("backend", "model", "entries", "prompt tok", "completion tok"):
-        table.add_column(col)
+    table = new_table(f"cache {stats['path']}: {stats['entries']} entries, {stats['bytes'] / 1e6:.1f} MB",
+                      "backend", "model", "entries", "prompt tok", "completion tok")
     for row in stats["by_model"]:
         table.add_row(row["backend"], row["model"], str(row["entries"]), str(row["prompt_tokens"]),
                       str(row["completion_tokens"]))
