@@ -187,7 +187,7 @@ def audit(
     if (folder / "human.csv").exists():
         human_table = pl.read_csv(folder / "human.csv")
         for row in human_table.iter_rows(named=True):
-            console.print(f"vs human: {row['moderator']}: accuracy {row['accuracy']}, kappa {row['cohen_kappa']} "
+            console.print(f"vs human: {row['rater']}: accuracy {row['accuracy']}, kappa {row['cohen_kappa']} "
                           f"({row['n_matched']} matched)")
     console.print(f"audit files in {folder}; report: {release / 'report.html'}")
 
