@@ -63,15 +63,17 @@ def main() -> None:
             ideal = cap / args.latency
             rates: dict[str, list[float]] = {side: [] for side in SIDES}
             in_flight: dict[str, list[int]] = {side: [] for side in SIDES}
+            cpu_us: dict[str, list[float]] = {side: [] for side in SIDES}
             failed = 0
             deadline = time.monotonic() + args.max_seconds
             for r in range(args.repeats):
                 for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
                     server.reset()
                     texts = prompts(n, f"cap{cap}-{side}-{r}")
-                    seconds, _, ok = SIDES[side](server.base_url, texts, cap, args.kind)
+                    seconds, cpu, ok = SIDES[side](server.base_url, texts, cap, args.kind)
                     failed += n - ok
                     rates[side].append(n / seconds)
+                    cpu_us[side].append(cpu / n * 1e6)
                     in_flight[side].append(server.stats()["max_in_flight"])
                 if time.monotonic() > deadline:
                     print(f"  (cap {cap}: time bound of {args.max_seconds:g}s reached after {r + 1} repeats)")
@@ -85,17 +87,19 @@ def main() -> None:
                          f"{ratio:.3f} ({'meets goal' if ratio >= GOAL else 'BELOW goal'})",
                          f"{bare_rate:.0f}", f"{bare_rate / ideal:.3f}", f"{llm_rate / bare_rate:.3f}",
                          f"{ceilings[cap]:.0f}", f"{llm_rate / reachable:.3f}",
+                         f"{common.median(cpu_us['llm/']):.0f} / {common.median(cpu_us['bare']):.0f}",
                          " ".join(f"{x:.0f}" for x in rates["llm/"]),
                          f"{max(in_flight['llm/'])} / {max(in_flight['bare'])}", failed])
     print()
     print(common.table(["cap", "requests", "ideal req/s", "llm/ req/s (median)", f"llm/ / ideal (goal >= {GOAL})",
                         "bare req/s", "bare / ideal", "llm/ / bare", "client ceiling req/s (bare, 0 ms)",
-                        "llm/ / min(ideal, ceiling)", "llm/ repeats",
+                        "llm/ / min(ideal, ceiling)", "client CPU us/request llm/ / bare", "llm/ repeats",
                         "server max in flight llm/ / bare", "failed"], rows))
     print("\nideal = cap / latency. 'client ceiling' = the bare loop's rate at the same cap against a zero-latency "
           "server: the most this machine's Python process can push through the openai client at all. "
-          "'server max in flight' is the most requests the server held at once (= cap when the cap is filled, "
-          "never above it).")
+          "'client CPU' is this process's CPU time per request (other work on the machine disturbs it less than "
+          "wall time). 'server max in flight' is the most requests the server held at once (= cap when the cap is "
+          "filled, never above it).")
     common.footer()
 
 

@@ -97,6 +97,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def naive_dedup(vectors: np.ndarray, threshold: float, block: int = 1024, column_tile: int = 16384) -> np.ndarray:
     """All pairs j < i by blockwise matrix products, then greedy keep-first over the collected pairs."""
     from dedup.near import SIMILARITY_TOLERANCE
@@ -128,6 +133,7 @@ def run_case(method: str, data: Path, threshold: float) -> dict:
     vectors = np.load(data)
     records = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(len(vectors))]})
     baseline = rss_mb()
+    cpu_started = cpu_seconds()
     started = time.perf_counter()
     if method == "faiss":
         kept = dedup(records, vectors, threshold).records.get_column("kept").to_numpy()
@@ -136,6 +142,7 @@ def run_case(method: str, data: Path, threshold: float) -> dict:
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - cpu_started,
         "peak_rss_mb": peak_rss_mb(),
         "baseline_rss_mb": baseline,
         "dropped": int((~kept).sum()),
@@ -228,14 +235,15 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"threshold {args.threshold}; synthetic 384-d unit vectors, {PLANTED_SHARE:.0%} planted near-duplicates; "
           "dedup time excludes encoding; peak = peak RSS of a fresh process, work = peak minus RSS after loading "
-          "the vectors (input alone: n x 1.5 KB)\n")
+          "the vectors (input alone: n x 1.5 KB); cpu s = user+sys of all threads (wall x cores when nothing "
+          "else runs)\n")
 
     enc = in_child("--case", "encode", "--encode-texts", str(args.encode_texts))
     rate = enc["texts"] / enc["encode_seconds"]
 
     methods = ["faiss"] + ([] if args.skip_naive else ["naive"])
     header = f"{'prompts':>8} {'planted':>7} | " + " | ".join(
-        f"{m + ' s':>8} {'dropped':>7} {'peak MB':>7} {'work MB':>7}" for m in methods
+        f"{m + ' s':>8} {'cpu s':>6} {'dropped':>7} {'peak MB':>7} {'work MB':>7}" for m in methods
     ) + f" | {'agree':>5} | {'encode s (extrapolated)':>23}"
     print(header)
     print("-" * len(header))
@@ -247,7 +255,7 @@ def main() -> None:
             del vectors
             results = {m: in_child("--case", m, "--data", str(path), "--threshold", str(args.threshold))
                        for m in methods}
-            cells = [f"{r['seconds']:8.2f} {r['dropped']:7d} {r['peak_rss_mb']:7.0f} "
+            cells = [f"{r['seconds']:8.2f} {r['cpu_seconds']:6.1f} {r['dropped']:7d} {r['peak_rss_mb']:7.0f} "
                      f"{r['peak_rss_mb'] - r['baseline_rss_mb']:7.0f}" for r in results.values()]
             agree = "yes" if len({r["kept_sha"] for r in results.values()}) == 1 else "NO"
             print(f"{n:8d} {planted:7d} | " + " | ".join(cells) + f" | {agree:>5} | {n / rate:23.0f}", flush=True)

@@ -68,9 +68,11 @@ class LLM:
     def generate(self, requests: list[LLMRequest], on_progress: ProgressFn | None = None) -> list[LLMResult]:
         if not requests:
             return []
-        if self.hub._closed:
-            raise RuntimeError("the LLM hub is closed")
-        fut = asyncio.run_coroutine_threadsafe(self.hub._generate(self, list(requests), on_progress), self.hub.loop)
+        with self.hub._lock:  # close() flips _closed under the same lock: nothing is submitted to a stopping loop
+            if self.hub._closed:
+                raise RuntimeError("the LLM hub is closed")
+            fut = asyncio.run_coroutine_threadsafe(self.hub._generate(self, list(requests), on_progress),
+                                                   self.hub.loop)
         return fut.result()
 
 
@@ -227,9 +229,10 @@ class LLMHub:
         return [{"role": role, "model": label, **u.as_dict()} for (role, label), u in sorted(self.usage.items())]
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             async def shutdown() -> None:
                 # Cancel whatever is still in flight (another task's batch when a stage failed), so no thread
