@@ -108,7 +108,7 @@ def _serve(conn, latency_s: float) -> None:
     server = FakeServer(latency_s=latency_s).start()
     conn.send(server.port)
     while True:
-        message = conn.recv()
+        message = conn.recv()  # EOFError if the parent died: the process ends (the server thread is a daemon)
         if message == "stats":
             chats = server.chat_requests
             conn.send({"chat_requests": len(chats), "max_in_flight": server.max_in_flight,
@@ -156,7 +156,8 @@ class ServerProcess:
         if self._proc.is_alive():
             try:
                 self._conn.send("stop")
-                self._conn.poll(15) and self._conn.recv()
+                if self._conn.poll(15):
+                    self._conn.recv()
             except (BrokenPipeError, EOFError):
                 pass
             self._proc.join(15)

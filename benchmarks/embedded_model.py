@@ -96,10 +96,15 @@ def with_sample(requests: list[LLMRequest], sample_index: int) -> list[LLMReques
 
 def run_llm(hub: LLMHub, spec: ModelSpec, requests: list[LLMRequest]) -> dict:
     llm = hub.model(spec, role="bench")
-    first: list[float] = []
+    first: list[float] = []  # the time of the first finished request
+
+    def on_progress(n: int, usage) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
     usage_before = hub.usage[("bench", llm.label)].as_dict()
     started = time.perf_counter()
-    results = llm.generate(requests, on_progress=lambda n, u: first or first.append(time.perf_counter()))
+    results = llm.generate(requests, on_progress=on_progress)
     seconds = time.perf_counter() - started
     usage = {k: v - usage_before[k] for k, v in hub.usage[("bench", llm.label)].as_dict().items()}
     return {"seconds": seconds, "first_s": first[0] - started, "ok": sum(r.ok for r in results),
@@ -125,7 +130,8 @@ async def _bare(base_url: str, spec: ModelSpec, requests: list[LLMRequest], para
             resp = await client.chat.completions.create(
                 model=spec.model, messages=list(req.messages), temperature=spec.temperature,
                 max_tokens=spec.max_tokens, seed=req.sample_index, **kwargs)
-        first or first.append(time.perf_counter())
+        if not first:
+            first.append(time.perf_counter())
         tokens["completion"] += resp.usage.completion_tokens
         tokens["prompt"] += resp.usage.prompt_tokens
         content = resp.choices[0].message.content

@@ -15,24 +15,69 @@ response_format and validates the reply with the same pydantic model, so both si
 
 By default the server runs in a separate process (`process`): in a thread of the measuring process (`thread`, how
 the tests run it) its aiohttp loop shares the GIL with the client, and that slows both sides. `both` measures both
-arrangements. Numbers are printed, never asserted. The goal is llm/ / bare >= 0.95.
+arrangements.
+
+Last, llm/'s own CPU cost per request is measured without HTTP: the same generate() on a real LLMHub whose
+backend is swapped for one that answers at once in process. Wall-time ratios on a shared machine swing by several
+percent between runs; this number does not, and bare / (bare + own) is the ratio the first table tends to.
+Numbers are printed, never asserted. The goal is llm/ / bare >= 0.95.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repository root on sys.path)
-from common import MAX_TOKENS, prompts, run_bare, run_llm  # noqa: E402
+from common import MAX_TOKENS, Verdict, fake_spec, prompts, run_bare, run_llm  # noqa: E402
+
+from llm.hub import LLMHub  # noqa: E402
+from llm.types import LLMRequest, RawCompletion  # noqa: E402
 
 GOAL = 0.95
 
 SIDES = {"llm/": run_llm, "bare": run_bare}
+
+
+class InstantBackend:
+    """Answers at once, in process: what is left of a request's CPU cost is llm/'s own (hub, cache, validation)."""
+
+    def __init__(self, semaphore):
+        self.semaphore = semaphore
+
+    def endpoint(self) -> str:
+        return "instant in-process backend"
+
+    async def complete(self, batch):
+        for p in batch:
+            async with self.semaphore:  # the same semaphore step as the openai backend
+                text = '{"verdict": "benign", "category": "none"}' if p.schema is not None else "A plain answer."
+            yield p, RawCompletion(text, "stop", 20, 8)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def llm_own_cpu_us(kind: str, n: int, repeats: int) -> float:
+    """Median CPU microseconds per request spent in llm/ itself: a real hub whose backend answers instantly."""
+    response_model = Verdict if kind == "json" else None
+    values = []
+    for r in range(repeats):
+        requests = [LLMRequest.chat(t, response_model=response_model) for t in prompts(n, f"own-{kind}-{r}")]
+        with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "cache.sqlite") as hub:
+            llm = hub.model(fake_spec("http://127.0.0.1:9/v1", 32), role="bench")  # never contacted
+            llm.backend = InstantBackend(llm.backend.semaphore)
+            cpu = time.process_time()
+            results = llm.generate(requests)
+            cpu = time.process_time() - cpu
+        assert all(res.ok for res in results)
+        values.append(cpu / n * 1e6)
+    return common.median(values)
 
 
 def measure(where: str, kind: str, args) -> dict:
@@ -84,9 +129,11 @@ def main() -> None:
           flush=True)
     wheres = ["process", "thread"] if args.server == "both" else [args.server]
     rows = []
+    bare_cpu: dict[str, float] = {}  # client CPU per request of the bare loop, first server arrangement
     for where in wheres:
         for kind in args.kinds:
             m = measure(where, kind, args)
+            bare_cpu.setdefault(kind, m["cpu_bare"])
             verdict = "meets goal" if m["ratio"] >= GOAL else "BELOW goal"
             server_share = f"{m['server_share']:.0%}" if m["server_share"] is not None else "(same process)"
             rows.append([f"server in {where}", kind, f"{m['llm']:.0f}", f"{m['bare']:.0f}",
@@ -98,6 +145,7 @@ def main() -> None:
             print(f"  done: {where} / {kind}: llm/ {m['llm']:.0f} req/s, bare {m['bare']:.0f} req/s, "
                   f"ratio {m['ratio']:.3f}; client CPU per request {m['cpu_llm']:.0f} vs {m['cpu_bare']:.0f} us",
                   flush=True)
+    own = {kind: llm_own_cpu_us(kind, args.requests, args.repeats) for kind in args.kinds}
     print()
     print(common.table(["server", "kind", "llm/ req/s (median)", "bare req/s (median)", f"ratio (goal >= {GOAL})",
                         "client CPU us/request llm/ / bare", "CPU ratio bare / llm/", "llm/ repeats",
@@ -107,6 +155,14 @@ def main() -> None:
           "'server saw' counts the timed requests of both sides (warm-up excluded); 'failed' must be 0.\n"
           "'CPU share': CPU seconds of each process over the timed wall time (100% = one core busy). A client near "
           "100% with the server well below it means the client is the bottleneck, as intended.")
+    print()
+    print(common.table(["kind", "llm/ own CPU us/request (instant backend, median)",
+                        f"bare client CPU us/request (server in {wheres[0]})", "expected CPU ratio bare / llm/"],
+                       [[kind, f"{own[kind]:.0f}", f"{bare_cpu[kind]:.0f}",
+                         f"{bare_cpu[kind] / (bare_cpu[kind] + own[kind]):.3f}"] for kind in args.kinds]))
+    print("\nllm/ own CPU: the same generate() on a real LLMHub whose backend answers at once in process (no HTTP), "
+          "so all that is measured is llm/: preparation, cache key and lookup, semaphore, validation, the SQLite row, "
+          "accounting. Expected ratio = bare / (bare + llm/ own): what the first table converges to without noise.")
     common.footer()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import threading
@@ -35,6 +36,12 @@ BREAKER_WINDOW = 50
 BREAKER_MIN_SAMPLES = 10
 
 ProgressFn = Callable[[int, Usage], None]
+
+
+@functools.lru_cache(maxsize=256)
+def response_schema(model: type) -> dict:
+    """A response model's JSON schema, built once per class (pydantic takes ~0.1-0.2 ms per call; read-only after)."""
+    return model.model_json_schema()
 
 
 class CircuitBreaker:
@@ -121,7 +128,7 @@ class LLMHub:
                 messages[0]["content"] = spec.system_prompt + "\n\n" + messages[0]["content"]
             else:
                 messages.insert(0, {"role": "system", "content": spec.system_prompt})
-        schema = req.response_model.model_json_schema() if req.response_model else None
+        schema = response_schema(req.response_model) if req.response_model else None
         if schema is not None and spec.dialect == "none":
             messages[-1]["content"] += schema_instruction(schema)
         key = cache_key(spec, messages, schema, req.sample_index)
