@@ -10,5 +10,7 @@ for _name, _value in {
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Model-loading bars from transformers would break the CLI's own progress display.
+    "TQDM_DISABLE": "1",
 }.items():
     os.environ.setdefault(_name, _value)
