@@ -127,7 +127,7 @@ class ModerationConfig(Strict):
 class DedupConfig(Strict):
     threshold: float = Field(0.90, gt=0.0, le=1.0)
     against: list[Path] = Field(default_factory=list, description="Earlier release folders to dedup against.")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="Texts per MiniLM encode batch (not the faiss search batch).")
 
 
 class SplitsConfig(Strict):

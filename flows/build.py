@@ -125,7 +125,7 @@ def dedup_task(ctx: BuildContext, pool_frames: dict[str, pl.DataFrame], against:
     A prompt that is itself in an earlier release (`dedup.against`, same prompt id) is not a duplicate of itself: it
     stays, and only the pool's new prompts are compared, with each other and with every earlier prompt.
     """
-    with Embedder(ctx.work_dir / "embeddings.sqlite") as embedder:
+    with Embedder(ctx.work_dir / "embeddings.sqlite", batch_size=ctx.cfg.dedup.batch_size) as embedder:
         results = {}
         for pool, records in pool_frames.items():
             released = pl.col("prompt_id").is_in(against["prompt_id"].implode())
