@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import footer, header, table  # noqa: E402
 
-import flows  # noqa: E402,F401  (Prefect environment defaults)
+import orforge.flows  # noqa: E402,F401  (Prefect environment defaults)
 
 
 def _serve(conn) -> None:
@@ -67,7 +67,7 @@ class Direct:
 
 def without_prefect():
     """Swap the build's tasks for direct calls of their functions (what the stages cost with no orchestration)."""
-    import flows.build as fb
+    import orforge.flows.build as fb
 
     saved = {name: getattr(fb, name) for name in ("seeds_task", "rewrites_task", "moderation_task", "answer_task",
                                                   "dedup_task")}
@@ -99,7 +99,7 @@ def config(root: Path, base_url: str, seeds_per_category: int) -> Path:
 
 
 def timed_build(cfg_path: Path, out: Path) -> float:
-    from flows.build import build_flow
+    from orforge.flows.build import build_flow
 
     start = time.perf_counter()
     build_flow(config_path=str(cfg_path), output=str(out))
@@ -124,9 +124,9 @@ def main() -> None:
     header("Warm rebuild and Prefect overhead (scripted loopback model, MiniLM dedup)", ("prefect", "polars"))
     from prefect.testing.utilities import prefect_test_harness
 
-    from core.config import load_config
-    from flows.build import build
-    from outputs.release import read_manifest
+    from orforge.core.config import load_config
+    from orforge.flows.build import build
+    from orforge.outputs.release import read_manifest
 
     server = PipelineServer()
     tmp = Path(tempfile.mkdtemp(prefix="orforge-bench-"))
@@ -137,7 +137,7 @@ def main() -> None:
             before = server.requests()
             cold = timed_build(cfg, tmp / "big" / "cold")
             cold_requests = server.requests() - before
-            candidates = read_manifest(tmp / "big" / "cold")["counts"]["votes"] // 3
+            candidates = read_manifest(tmp / "big" / "cold").counts.votes // 3
             before = server.requests()
             warm = timed_build(cfg, tmp / "big" / "warm")
             warm_requests = server.requests() - before
@@ -162,7 +162,7 @@ def main() -> None:
                 shutil.rmtree(cfg_path.parent / "work", ignore_errors=True)
                 with_prefect = timed_build(cfg_path, cfg_path.parent / f"prefect-{time.time_ns()}")
                 n_tasks = task_runs()[-1]
-                votes = read_manifest(cfg_path.parent / "cold")["counts"]["votes"]
+                votes = read_manifest(cfg_path.parent / "cold").counts.votes
                 shutil.rmtree(cfg_path.parent / "work", ignore_errors=True)
                 restore = without_prefect()
                 try:

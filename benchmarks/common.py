@@ -237,7 +237,7 @@ def prompts(n: int, tag: str) -> list[str]:
 
 
 def fake_spec(base_url: str, concurrency: int):
-    from core.config import ModelSpec
+    from orforge.core.config import ModelSpec
 
     return ModelSpec(backend="openai", base_url=base_url, model=FAKE_MODEL, max_concurrency=concurrency,
                      max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S, max_retries=MAX_RETRIES)
@@ -245,8 +245,8 @@ def fake_spec(base_url: str, concurrency: int):
 
 def run_llm(base_url: str, texts: list[str], concurrency: int, kind: str) -> tuple[float, float, int]:
     """One LLM.generate() over the batch through a fresh LLMHub on a fresh cache (every request a miss)."""
-    from llm.hub import LLMHub
-    from llm.types import LLMRequest
+    from orforge.llm.hub import LLMHub
+    from orforge.llm.types import LLMRequest
 
     response_model = Verdict if kind == "json" else None
     requests = [LLMRequest.chat(t, response_model=response_model) for t in texts]

@@ -104,7 +104,7 @@ def cpu_seconds() -> float:
 
 def naive_dedup(vectors: np.ndarray, threshold: float, block: int = 1024, column_tile: int = 16384) -> np.ndarray:
     """All pairs j < i by blockwise matrix products, then greedy keep-first over the collected pairs."""
-    from dedup.near import SIMILARITY_TOLERANCE
+    from orforge.dedup.near import SIMILARITY_TOLERANCE
 
     cutoff = np.float32(threshold) - np.float32(SIMILARITY_TOLERANCE)
     n = len(vectors)
@@ -128,7 +128,7 @@ def run_case(method: str, data: Path, threshold: float) -> dict:
     import faiss
     import polars as pl
 
-    from dedup.near import DEFAULT_BATCH_SIZE, dedup
+    from orforge.dedup.near import DEFAULT_BATCH_SIZE, dedup
 
     vectors = np.load(data)
     records = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(len(vectors))]})
@@ -155,7 +155,7 @@ def run_case(method: str, data: Path, threshold: float) -> dict:
 def run_encode(n_texts: int) -> dict:
     texts = synthetic_prompts(n_texts)
     with tempfile.TemporaryDirectory() as tmp:
-        from dedup.embed import Embedder
+        from orforge.dedup.embed import Embedder
 
         baseline = rss_mb()
         with Embedder(Path(tmp) / "emb.sqlite") as embedder:

@@ -33,13 +33,13 @@ import common  # noqa: E402  (puts the repository root on sys.path)
 
 import openai  # noqa: E402
 
-from core.categories import ORBENCH  # noqa: E402
-from core.config import EMBEDDED_MODEL, CategorySpec, ModelSpec  # noqa: E402
-from llm.backends.local import LlamaServer, embedded_model_path  # noqa: E402
-from llm.dialects import response_format  # noqa: E402
-from llm.hub import LLMHub  # noqa: E402
-from llm.types import LLMRequest  # noqa: E402
-from moderators.ensemble import moderation_request, verdict_model  # noqa: E402
+from orforge.core.categories import ORBENCH  # noqa: E402
+from orforge.core.config import EMBEDDED_MODEL, CategorySpec, ModelSpec  # noqa: E402
+from orforge.llm.backends.local import LlamaServer, embedded_model_path  # noqa: E402
+from orforge.llm.dialects import response_format  # noqa: E402
+from orforge.llm.hub import LLMHub  # noqa: E402
+from orforge.llm.types import LLMRequest  # noqa: E402
+from orforge.moderators.ensemble import moderation_request, verdict_model  # noqa: E402
 
 CATEGORIES = [CategorySpec(name=n, description=ORBENCH[n]) for n in ("deception", "privacy", "violence")]
 

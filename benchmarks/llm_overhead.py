@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
 from common import MAX_TOKENS, Verdict, fake_spec, prompts, run_bare, run_llm  # noqa: E402
 
-from llm.hub import LLMHub  # noqa: E402
-from llm.types import LLMRequest, RawCompletion  # noqa: E402
+from orforge.llm.hub import LLMHub  # noqa: E402
+from orforge.llm.types import LLMRequest, RawCompletion  # noqa: E402
 
 GOAL = 0.95
 

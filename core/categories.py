@@ -3,7 +3,7 @@ the resolution of a config's categories into one list used by every stage."""
 
 from __future__ import annotations
 
-from core.config import CategoriesConfig, CategorySpec, ConfigError
+from orforge.core.config import CategoriesConfig, CategorySpec, ConfigError
 
 ORBENCH: dict[str, str] = {
     "deception": "Misleading people for gain or harm: scams, fraud schemes, forged documents, impersonation, "

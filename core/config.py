@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 Backend = Literal["openai", "local", "vllm"]
 Dialect = Literal["json_schema", "json_object", "none"]
@@ -34,22 +34,46 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSpec(Strict):
-    """One model in one role. The same shape serves seeds, rewrites, moderators, panel members, judges, targets."""
+class ModelLabel(Strict):
+    """How records name a spec. It never changes an answer, but every record a stage writes carries it."""
 
     name: str | None = Field(None, description="Label for votes, accounting and plots; defaults to `model`.")
+
+
+class AnswerSettings(Strict):
+    """What a spec asks: every field here can change an answer, and `ModelSpec.answer_key()` hashes exactly these.
+
+    A field that can change what a model replies belongs here; one that only says where or how patiently to send
+    belongs in `ModelEndpoint`. tests/llm/test_answer_key.py fails on a ModelSpec field declared in neither.
+    """
+
     backend: Backend = "openai"
     model: str = EMBEDDED_MODEL
-    base_url: str | None = None
-    api_key_env: str | None = Field(None, description="Name of the environment variable holding the key.")
-    max_concurrency: int = Field(8, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0, le=20)
     structured_output: Dialect | None = None
     system_prompt: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelEndpoint(Strict):
+    """Where a spec's requests go and how they travel. None of it changes an answer: moving a server, renaming the
+    key's variable or raising the concurrency keeps every cached answer and stored shard."""
+
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the key.")
+    max_concurrency: int = Field(8, ge=1, le=4096)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=20)
+
+
+class ModelSpec(ModelEndpoint, AnswerSettings, ModelLabel):
+    """One model in one role. The same shape serves seeds, rewrites, moderators, panel members, judges, targets.
+
+    The YAML stays flat (`model:`, `temperature:`, `base_url:` side by side); the fields are declared once, in the
+    three groups it inherits: `ModelLabel` (the name records carry), `AnswerSettings` (what to ask) and
+    `ModelEndpoint` (where to send). `answer_key()` keys the request cache, `records_key()` keys stored shards.
+    """
 
     @model_validator(mode="after")
     def _backend_rules(self) -> ModelSpec:
@@ -66,6 +90,37 @@ class ModelSpec(Strict):
     @property
     def dialect(self) -> Dialect:
         return self.structured_output or DEFAULT_DIALECT[self.backend]
+
+    @property
+    def answer_settings(self) -> AnswerSettings:
+        """The "what to ask" part, with the dialect resolved."""
+        values = {f: getattr(self, f) for f in AnswerSettings.model_fields}
+        return AnswerSettings.model_construct(**{**values, "structured_output": self.dialect})
+
+    @property
+    def endpoint(self) -> ModelEndpoint:
+        """The "where to send" part."""
+        return ModelEndpoint.model_construct(**{f: getattr(self, f) for f in ModelEndpoint.model_fields})
+
+    def answer_key(self, structured: bool = True) -> str:
+        """sha256 of everything in the spec that can change an answer: the one definition used by the request
+        cache (with the messages, schema and sample index) and by the stored shards' keys.
+
+        `structured=False` is for a request without a response schema: the dialect only says how a schema is
+        sent, so it cannot change a free-text answer and is left out.
+        """
+        settings = self.answer_settings.model_dump(mode="json")
+        if not structured:
+            settings["structured_output"] = None
+        blob = json.dumps(settings, sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def records_key(self) -> str:
+        """What a stage's stored records depend on from this spec: its answers and the label the records carry.
+
+        Two specs differing only by `name` share cached answers but not shards (their records say who answered).
+        """
+        return stable_hash([self.answer_key(), self.label], 32)
 
     def api_key(self) -> str | None:
         """The key, read from the environment at call time; never stored on the spec."""
@@ -167,13 +222,41 @@ class PanelConfig(Strict):
         return self
 
 
-class BuildConfig(Strict):
+class RecipeConfig(Strict):
+    """What every recipe's config shares. A recipe (orbench, select, ...) subclasses it with its own
+    `recipe: Literal[...]` tag and sections; `orforge.core.recipes` composes them into one discriminated union."""
+
+    recipe: str
     name: str = Field("orforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    license: str = Field("unknown", pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$",
+                         description="The release's license as an SPDX-style id (e.g. cc-by-4.0); card and manifest.")
     output_dir: Path = Path("releases")
     work_dir: Path = Path(".orforge/work")
     cache_path: Path = Path(".orforge/cache.sqlite")
     seed: int = 0
     shard_size: int = Field(500, ge=1)
+    refusal: RefusalConfig = Field(default_factory=RefusalConfig)
+    targets: list[ModelSpec] = Field(default_factory=list, description="The models `orforge evaluate` scores.")
+
+    def build_specs(self) -> list[tuple[str, ModelSpec]]:
+        """(role, spec) of every model a build of this recipe calls; each recipe lists its own."""
+        raise NotImplementedError
+
+    def all_specs(self) -> list[tuple[str, ModelSpec]]:
+        """Every (role, spec) the config names, for `models check` and for starting backends once."""
+        specs = self.build_specs()
+        if self.refusal.judge:
+            specs.append(("judge", self.refusal.judge))
+        return specs + [("target", m) for m in self.targets]
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+class BuildConfig(RecipeConfig):
+    """The OR-Bench recipe: toxic seeds -> rewrites -> moderator vote -> dedup -> refusal panel -> splits."""
+
+    recipe: Literal["orbench"] = "orbench"
     categories: CategoriesConfig = Field(default_factory=CategoriesConfig)
     seeds: SeedsConfig
     rewrites: RewritesConfig
@@ -182,8 +265,6 @@ class BuildConfig(Strict):
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
     toxic: ToxicConfig = Field(default_factory=ToxicConfig)
     panel: PanelConfig | None = None
-    refusal: RefusalConfig = Field(default_factory=RefusalConfig)
-    targets: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_rules(self) -> BuildConfig:
@@ -194,19 +275,12 @@ class BuildConfig(Strict):
             )
         return self
 
-    def all_specs(self) -> list[tuple[str, ModelSpec]]:
-        """Every (role, spec) the config names, for `models check` and for starting backends once."""
+    def build_specs(self) -> list[tuple[str, ModelSpec]]:
         specs = [("seeds", self.seeds.model), ("rewrites", self.rewrites.model)]
         specs += [("moderator", m) for m in self.moderation.moderators]
         if self.panel:
             specs += [("panel", m) for m in self.panel.members]
-        if self.refusal.judge:
-            specs.append(("judge", self.refusal.judge))
-        specs += [("target", m) for m in self.targets]
         return specs
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -230,9 +304,11 @@ def _expand_env(node: Any, path: str, missing: list[str]) -> Any:
     return node
 
 
-def _first_error(err: ValidationError) -> str:
+def _first_error(err: ValidationError, tagged: bool = False) -> str:
+    """One line for the first error. `tagged`: the model was a tagged union, whose first location is the tag."""
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal[")))
+    parts = e["loc"][1:] if tagged and e["loc"] else e["loc"]
+    loc = ".".join(str(p) for p in parts if not str(p).startswith(("function-after", "literal[")))
     msg = e["msg"].removeprefix("Value error, ")
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{loc or '<root>'}: {msg}{extra}"
@@ -254,17 +330,19 @@ def load_yaml(path: Path) -> dict:
     return {k: v for k, v in raw.items() if not str(k).startswith("x-")}
 
 
-def parse_config(raw: dict, source: str, model: type[BaseModel] = None) -> BaseModel:
+def parse_config(raw: dict, source: str, model: type[BaseModel] | TypeAdapter = None) -> BaseModel:
+    """Validate `raw` (env references filled) as `model`: a config class, or a TypeAdapter such as the recipe union."""
     model = model or BuildConfig
     missing: list[str] = []
     expanded = _expand_env(raw, "", missing)
     if missing:
         raise ConfigError(f"{source}: {missing[0]}")
+    validate = model.validate_python if isinstance(model, TypeAdapter) else model.model_validate
     try:
-        cfg = model.model_validate(expanded)
+        cfg = validate(expanded)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_first_error(e)}") from None
-    if isinstance(cfg, BuildConfig):
+        raise ConfigError(f"{source}: {_first_error(e, tagged=isinstance(model, TypeAdapter))}") from None
+    if isinstance(cfg, RecipeConfig):
         for role, spec in cfg.all_specs():
             if spec.api_key_env and spec.api_key_env not in os.environ:
                 raise ConfigError(
@@ -274,6 +352,7 @@ def parse_config(raw: dict, source: str, model: type[BaseModel] = None) -> BaseM
 
 
 def load_config(path: Path | str) -> BuildConfig:
+    """An OR-Bench config file. For a file of any recipe use `orforge.core.recipes.load_config`."""
     path = Path(path)
     return parse_config(load_yaml(path), str(path))
 

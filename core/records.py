@@ -65,6 +65,45 @@ RESPONSES = {
     "method": pl.Utf8,  # keyword | judge | failed
 }
 
+# One row per generated concept question (SELECT recipe). `kind` is eval | train; the leak_* columns are null until
+# dedup.concepts.flag_leaks has compared the question with its concept's siblings and parent.
+QUESTIONS = {
+    "question_id": pl.Utf8,
+    "concept_id": pl.Utf8,
+    "question": pl.Utf8,
+    "kind": pl.Utf8,
+    "ancestor_ids": pl.List(pl.Utf8),
+    "model": pl.Utf8,
+    "template_sha256": pl.Utf8,
+    "sample_index": pl.Int64,
+    "leak_flag": pl.Boolean,
+    "leak_with": pl.Utf8,
+    "leak_similarity": pl.Float64,
+}
+
+# SELECT recipe: one row per concept of the tree (core.concepts.ConceptTree.to_frame); `ancestor_ids` nearest first.
+CONCEPTS = {
+    "concept_id": pl.Utf8,
+    "name": pl.Utf8,
+    "parent_id": pl.Utf8,  # null for a root
+    "depth": pl.Int64,  # root = 0
+    "instances": pl.List(pl.Utf8),
+    "ancestor_ids": pl.List(pl.Utf8),
+}
+
+# SELECT recipe: one row per (target concept, question) a split holds (outputs.concept_splits.select_splits).
+SELECT_SPLITS = {
+    "target_id": pl.Utf8,
+    "split": pl.Utf8,  # abstention | generalization | specificity
+    "question_id": pl.Utf8,
+    "question": pl.Utf8,
+    "concept_id": pl.Utf8,  # the concept the question was written for
+    "relation": pl.Utf8,  # self | descendant | sibling | ancestor (of concept_id to target_id)
+    "distance": pl.Int64,  # edges on the tree path from target_id to concept_id
+    "target_depth": pl.Int64,
+    "kind": pl.Utf8,  # eval | train
+}
+
 FAILURES = {
     "stage": pl.Utf8,
     "role": pl.Utf8,

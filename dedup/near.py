@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from core.records import DEDUP, StageResult, empty
+from orforge.core.records import DEDUP, StageResult, empty
 
 SIMILARITY_TOLERANCE = 1e-6
 DEFAULT_BATCH_SIZE = 2048  # queries per faiss search: below ~1000 faiss search runs several times slower here

@@ -3,7 +3,8 @@
 The new categories go through the whole pipeline (seeds, rewrites, votes, panel) and are deduplicated against every
 prompt of the existing release. The result is a new release folder whose files hold the old rows first, unchanged
 (each old CSV is a byte prefix of the new one; each old parquet's rows are the new one's first rows), then the new
-category's rows. The new manifest records the parent release and its file hashes.
+category's rows. The new manifest records the parent release (`Manifest.parent`: its folder name, manifest sha256
+and file hashes).
 """
 
 from __future__ import annotations
@@ -14,11 +15,21 @@ from pathlib import Path
 import polars as pl
 from prefect import flow
 
-from core.categories import resolve_categories
-from core.config import BuildConfig, CategorySpec, ConfigError, parse_config
-from flows.build import _publish_artifact, run_pipeline
-from outputs.release import MANIFEST, ManifestInfo, read_release, verify_release, write_release
-from outputs.report import write_report
+from orforge.core.categories import resolve_categories
+from orforge.core.config import BuildConfig, CategorySpec, ConfigError, parse_config
+from orforge.flows.build import run_pipeline
+from orforge.flows.common import new_folder, publish_funnel_artifact
+from orforge.core.manifest import ManifestError, ParentRelease
+from orforge.outputs.release import (
+    MANIFEST,
+    ManifestInfo,
+    manifest_sha256,
+    read_manifest,
+    read_release,
+    verify_release,
+    write_release,
+)
+from orforge.outputs.report import write_report
 
 
 class AddCategoryError(ValueError):
@@ -27,9 +38,11 @@ class AddCategoryError(ValueError):
 
 def release_config(release: Path) -> BuildConfig:
     """The config a release was built with, as its manifest recorded it."""
-    manifest = read_release(release)["manifest"]
     try:
-        return parse_config(manifest["config"], str(release / MANIFEST))
+        manifest = read_manifest(release)
+        return parse_config(manifest.config, str(release / MANIFEST))
+    except ManifestError as e:
+        raise AddCategoryError(str(e)) from None
     except ConfigError as e:
         raise AddCategoryError(f"{e}; pass --config with the models to use") from None
 
@@ -43,7 +56,10 @@ def plan(release: Path, new: list[CategorySpec], cfg: BuildConfig | None) -> Bui
     """Check the request and return the config for the new categories' run. Raises AddCategoryError."""
     if not (release / MANIFEST).is_file() or not (release / "candidates.parquet").is_file():
         raise AddCategoryError(f"{release}: not a release folder written by orforge build")
-    check = verify_release(release)
+    try:
+        check = verify_release(release)
+    except ManifestError as e:
+        raise AddCategoryError(str(e)) from None
     if check.changed or check.missing:
         raise AddCategoryError(f"{release}: files differ from its manifest ({check}); refusing to extend it")
     if not new:
@@ -72,7 +88,7 @@ def add_categories(release: Path, new: list[CategorySpec], cfg: BuildConfig | No
                    output: Path | None = None) -> Path:
     run_cfg = plan(release, new, cfg)
     started = datetime.now(UTC)
-    folder = output or release.parent / started.strftime("%Y%m%d-%H%M%S")
+    folder = output or new_folder(release.parent, started)
     old = read_release(release)
     result = run_pipeline(run_cfg, new)
 
@@ -80,29 +96,30 @@ def add_categories(release: Path, new: list[CategorySpec], cfg: BuildConfig | No
               for name in [*old["splits"], *(n for n in result.splits if n not in old["splits"])]}
     dedup = _append(pl.read_parquet(release / "dedup.parquet"), result.dedup) \
         if (release / "dedup.parquet").exists() else result.dedup
-    old_funnel = old["manifest"]["counts"].get("funnel")
+    parent = old["manifest"]
+    old_funnel = parent.counts.funnel
     funnel = _append(pl.DataFrame(old_funnel), result.funnel) if old_funnel else result.funnel
     base = cfg or release_config(release)
     merged_cfg = base.model_copy(update={"categories": base.categories.model_copy(
         update={"custom": [*base.categories.custom, *new]})})
-    notes = {**old["manifest"].get("notes", {}), **result.notes,
-             "added_categories": [c.name for c in new],
-             "parent": {"folder": str(release), "config_hash": old["manifest"]["config_hash"],
-                        "files": old["manifest"]["files"]}}
-    tokens = result.tokens
-    info = ManifestInfo(config=merged_cfg, funnel=funnel, tokens=tokens, notes=notes, name=base.name,
-                        created=started.isoformat(timespec="seconds"))
+    notes = {**parent.notes, **result.notes, "added_categories": [c.name for c in new]}
+    # Named by folder name and manifest hash, not by a path on this machine: the manifest is published.
+    parent_ref = ParentRelease(folder=release.resolve().name, name=parent.name, created=parent.created,
+                               manifest_sha256=manifest_sha256(release), config_hash=parent.config_hash,
+                               files=parent.files)
+    info = ManifestInfo(config=merged_cfg, funnel=funnel, tokens=result.tokens, notes=notes, name=base.name,
+                        created=started.isoformat(timespec="seconds"), parent=parent_ref)
     write_release(folder, splits, _append(old["votes"], result.votes), _append(old["failures"], result.failures),
                   info, responses=_append(old["responses"], result.responses), dedup=dedup)
     write_report(folder)
-    _publish_artifact(merged_cfg, funnel, folder)
+    publish_funnel_artifact(merged_cfg, funnel, folder)
     return folder
 
 
 @flow(name="orforge-add-category", persist_result=False)
 def add_category_flow(release: str, categories: list[dict], config_path: str | None = None,
                       output: str | None = None) -> str:
-    from core.config import load_config
+    from orforge.core.config import load_config
 
     cfg = load_config(config_path) if config_path else None
     specs = [CategorySpec(**c) for c in categories]

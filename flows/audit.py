@@ -8,8 +8,9 @@ import polars as pl
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from moderators.agreement import agreement, human_agreement, read_human_labels, write_audit
-from outputs.report import write_report
+from orforge.moderators.agreement import agreement, human_agreement, read_human_labels
+from orforge.outputs.audit import write_audit
+from orforge.outputs.report import write_report
 
 
 class AuditInputError(ValueError):

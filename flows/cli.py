@@ -1,6 +1,10 @@
-"""The `orforge` command. Exit codes: 0 ok, 1 the run failed, 2 the user asked for something invalid (nothing written).
+"""The `orforge` command. Exit codes: 0 ok, 1 the run failed, 2 the user asked for something invalid (nothing
+written), 130 interrupted (Ctrl-C; rerun to resume).
 
-Every command validates its inputs before it starts a flow or writes a file.
+Every command validates its inputs before it starts a flow or writes a file. Every failure a user sees is one line:
+library messages are cut to their first line, and Prefect's own per-run logging (task tracebacks, "Crash
+detected!") stays off the console; it goes to the run's log file under `<work_dir>/logs/` when the command has a
+config, and to the Prefect server's run logs.
 """
 
 from __future__ import annotations
@@ -10,15 +14,20 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-import flows  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
-from core.config import BuildConfig, ConfigError, load_config
+import orforge.flows  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
+from orforge.core.config import BuildConfig, ConfigError, RecipeConfig
+from orforge.core.recipes import load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build over-refusal benchmark datasets: seemingly toxic prompts that over-cautious models refuse.")
@@ -34,34 +43,125 @@ err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="A YAML config (see configs/).")]
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+MAX_MESSAGE = 400
+# Prefect's per-run loggers: task tracebacks, "Finished in state Failed", "Crash detected!".
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def one_line(text: object) -> str:
+    """The first non-empty line of a message (libraries add advice and context on further lines), whitespace
+    collapsed and cut to MAX_MESSAGE characters."""
+    first = next((line for line in str(text).splitlines() if line.strip()), "")
+    first = " ".join(first.split())
+    return first if len(first) <= MAX_MESSAGE else first[: MAX_MESSAGE - 3] + "..."
+
+
+def describe(error: BaseException) -> str:
+    """`TypeName: first line of its message`, or the type name alone when the message is empty."""
+    message = one_line(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
 
 def fail(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def load(path: Path) -> BuildConfig:
-    from core.categories import resolve_categories
+def load(path: Path, recipe: str | None = None) -> RecipeConfig:
+    """A config of any recipe, fully checked (categories resolve, a tree file loads); exit 2 with one line if not.
+    `recipe`: the command only serves that recipe."""
+    from orforge.core.categories import resolve_categories
+    from orforge.flows.select import load_tree
 
     try:
         cfg = load_config(path)
-        resolve_categories(cfg.categories, str(path))
-        return cfg
+        if isinstance(cfg, BuildConfig):
+            resolve_categories(cfg.categories, str(path))
+        else:
+            load_tree(cfg)
     except ConfigError as e:
-        fail(str(e), 2)
+        fail(one_line(f"{path}: {e}" if not str(e).startswith(str(path)) else e), 2)
+    if recipe is not None and cfg.recipe != recipe:
+        fail(f"{path}: recipe {cfg.recipe!r}: this command serves the {recipe} recipe only", 2)
+    return cfg
 
 
-def run_flow(what: str, flow_fn, **params) -> str:
-    """Run a flow with progress bars; any failure becomes one line and exit code 1 (interrupts say how to resume)."""
-    from flows.progress import RichReporter, use_reporter
+def release_recipe(release: Path) -> str:
+    """The recipe a release was built with (its manifest), or exit 2 for a folder that is not a release."""
+    from orforge.outputs.release import read_manifest
 
     try:
-        with use_reporter(RichReporter(err)):
-            return flow_fn(**params)
+        return read_manifest(release).recipe
+    except Exception as e:  # noqa: BLE001 - a missing or foreign manifest is bad input
+        fail(f"--release {release}: {describe(e)}", 2)
+
+
+class _FolderMakingFileHandler(logging.FileHandler):
+    """A file handler that creates the file (and its folder) only when the first record arrives."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextmanager
+def quiet_prefect_runs(log_file: Path | None) -> Iterator[None]:
+    """Keep Prefect's flow- and task-run records off the console for the duration of a flow: they still reach the
+    Prefect server (their own handler), and `log_file` when given. Restored afterwards (tests run many commands in
+    one process)."""
+    import prefect  # noqa: F401, PLC0415 - configures Prefect's logging first, so our settings are not overwritten
+
+    loggers = [logging.getLogger(name) for name in PREFECT_RUN_LOGGERS]
+    saved = [lg.propagate for lg in loggers]
+    handler = None
+    if log_file is not None:
+        handler = _FolderMakingFileHandler(log_file, delay=True, encoding="utf-8")
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for lg in loggers:
+        lg.propagate = False
+        if handler is not None:
+            lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, propagate in zip(loggers, saved):
+            lg.propagate = propagate
+            if handler is not None:
+                lg.removeHandler(handler)
+        if handler is not None:
+            handler.close()
+
+
+def run_log_file(cfg: BuildConfig | None, what: str) -> Path | None:
+    """`<work_dir>/logs/<command>-<UTC time>.log` for a command that has a config (written only if Prefect logs)."""
+    if cfg is None:
+        return None
+    return cfg.work_dir / "logs" / f"{what}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def run_flow(what: str, flow_fn, log_file: Path | None = None, **params) -> str:
+    """Run a flow with progress bars; any failure becomes one line and exit code 1, an interrupt exit code 130 with
+    how to resume."""
+    from orforge.flows.progress import RichReporter, use_reporter
+
+    from orforge.flows.common import start_temporary_server_outside_terminal_group
+
+    details = ""
+    try:
+        start_temporary_server_outside_terminal_group()
+        with quiet_prefect_runs(log_file):
+            try:
+                with use_reporter(RichReporter(err)):
+                    return flow_fn(**params)
+            finally:
+                details = f" (details: {log_file})" if log_file is not None and log_file.is_file() else ""
     except KeyboardInterrupt:
-        fail(f"{what} interrupted; finished shards and every answered request are kept: run it again to resume", 1)
+        fail(f"{what} interrupted; finished shards and every answered request are kept: run it again to resume",
+             INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - the CLI turns any run failure into one clear line and exit 1
-        fail(f"{what} failed: {type(e).__name__}: {e}", 1)
+        fail(f"{what} failed: {describe(e)}{details}", 1)
 
 
 def new_table(title: str, *columns: str) -> Table:
@@ -81,7 +181,8 @@ def validate_config(file: Annotated[Path, typer.Argument(help="The YAML config t
 @app.command()
 def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="Release folder (default: "
           "<output_dir>/<name>/<timestamp>).")] = None) -> None:
-    """Run the build flow: seeds -> rewrites -> moderator vote -> dedup -> panel -> release."""
+    """Build a release with the config's recipe (orbench: seeds -> rewrites -> vote -> dedup -> panel; select:
+    concept tree -> questions -> dedup and leak flags -> abstention splits)."""
     cfg = load(config)
     if output is not None and output.is_dir() and any(output.iterdir()):
         fail(f"--output {output} exists and is not empty; choose a new folder", 2)
@@ -89,10 +190,11 @@ def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="R
                        (f"{config}: work_dir", cfg.work_dir), (f"{config}: cache_path", cfg.cache_path.parent)):
         if problem := _cannot_create_folder(path):
             fail(f"{what} {path}: {problem}", 2)
-    from flows.build import build_flow
+    from orforge.flows.recipes import recipe
 
     started = time.monotonic()
-    folder = run_flow("build", build_flow, config_path=str(config), output=str(output) if output else None)
+    folder = run_flow("build", recipe(cfg.recipe).build, run_log_file(cfg, "build"), config_path=str(config),
+                      output=str(output) if output else None)
     _print_summary(Path(folder), time.monotonic() - started)
 
 
@@ -109,22 +211,22 @@ def _cannot_create_folder(path: Path) -> str | None:
 
 
 def _print_summary(folder: Path, seconds: float) -> None:
-    from outputs.release import read_manifest
+    from orforge.outputs.release import read_manifest
 
     manifest = read_manifest(folder)
     table = new_table(f"orforge build: {folder}", "split", "rows", "by category")
-    for split in manifest["splits"]:
-        cats = ", ".join(f"{k} {v}" for k, v in split["by_category"].items())
-        table.add_row(split["name"], str(split["rows"]), cats)
+    for split in manifest.splits:
+        cats = ", ".join(f"{k} {v}" for k, v in split.by_category.items())
+        table.add_row(split.name, str(split.rows), cats)
     console.print(table)
     usage = Table(title="requests and tokens per role")
     for col in ("role", "requests", "cached", "failures", "prompt tok", "completion tok"):
         usage.add_column(col, justify="right" if col != "role" else "left")
-    for role, u in manifest["tokens"].items():
-        usage.add_row(role, *(str(u[k]) for k in ("requests", "cached", "failures", "prompt_tokens",
-                                                    "completion_tokens")))
+    for role, u in manifest.tokens.items():
+        usage.add_row(role, *("-" if v is None else str(v) for v in (u.requests, u.cached, u.failures,
+                                                                    u.prompt_tokens, u.completion_tokens)))
     console.print(usage)
-    for key, note in manifest.get("notes", {}).items():
+    for key, note in manifest.notes.items():
         if key in ("hard", "seed_budget_exhausted"):
             console.print(f"note: {key}: {note}")
     console.print(f"[green]done[/] in {seconds:.0f} s: {folder}")
@@ -137,18 +239,26 @@ def evaluate(
     benign_sample: Annotated[int | None, typer.Option(help="Also score a seeded sample of this many benign "
                                                       "prompts.", min=1)] = None,
 ) -> None:
-    """Score the config's `targets:` on a release: rejection rates on hard (over-refusal) and toxic (safety)."""
+    """Score the config's `targets:` on a release: rejection rates on hard (over-refusal) and toxic (safety) for
+    orbench; abstention, generalization and specificity per technique for select."""
     cfg = load(config)
-    from flows.evaluate import EvaluateInputError, evaluate_flow, load_splits
-
+    built_with = release_recipe(release)
+    if built_with != cfg.recipe:
+        fail(f"--release {release} was built with recipe {built_with!r} but {config} is a {cfg.recipe!r} config", 2)
     if not cfg.targets:
         fail(f"{config}: targets: the config lists no models to evaluate", 2)
+    if cfg.recipe == "select":
+        return _evaluate_select(release, config, cfg)
+    from orforge.flows.evaluate import EvaluateInputError, evaluate_flow, load_splits
+
     try:
         load_splits(release, None, cfg.seed)
     except EvaluateInputError as e:
         fail(str(e), 2)
-    folder = Path(run_flow("evaluate", evaluate_flow, release=str(release), config_path=str(config),
-                           benign_sample=benign_sample))
+    except Exception as e:  # noqa: BLE001 - a damaged split file is bad input, not a crash
+        fail(f"--release {release}: cannot read its splits: {describe(e)}", 2)
+    folder = Path(run_flow("evaluate", evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
+                           config_path=str(config), benign_sample=benign_sample))
     import polars as pl
 
     scores = pl.read_csv(folder / "scores.csv").filter(pl.col("category") == "all")
@@ -161,6 +271,36 @@ def evaluate(
     console.print(f"plots: {folder / 'scatter.png'}, {folder / 'categories.png'}; report: {release / 'report.html'}")
 
 
+def _evaluate_select(release: Path, config: Path, cfg) -> None:
+    import polars as pl
+
+    from orforge.flows.select import EvaluateInputError, load_release_for_evaluation, select_evaluate_flow
+
+    try:
+        load_release_for_evaluation(release)
+    except EvaluateInputError as e:
+        fail(str(e), 2)
+    except Exception as e:  # noqa: BLE001 - a damaged release file is bad input, not a crash
+        fail(f"--release {release}: cannot read it: {describe(e)}", 2)
+    folder = Path(run_flow("evaluate", select_evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
+                           config_path=str(config)))
+    scores = pl.read_csv(folder / "scores.csv")
+    table = new_table(f"abstention (mean over concepts, 95% t-interval): {folder}", "model", "technique",
+                      "abstention", "generalization", "specificity", "harmonic mean")
+
+    def cell(row: dict, metric: str) -> str:
+        value, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
+        if value is None:
+            return "n/a"
+        return f"{value:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
+
+    for row in scores.iter_rows(named=True):
+        table.add_row(row["model"], row["technique"], *(cell(row, m) for m in (
+            "abstention_rate", "generalization_rate", "specificity", "harmonic_mean")))
+    console.print(table)
+    console.print(f"tables and plots in {folder}; report: {release / 'report.html'}")
+
+
 @app.command()
 def audit(
     release: Annotated[Path, typer.Option(help="A release folder written by `orforge build`.")],
@@ -168,8 +308,12 @@ def audit(
     = None,
 ) -> None:
     """Moderator agreement: pairwise and Fleiss' kappa, toxic rates, category confusion, the most contested prompts."""
-    from flows.audit import AuditInputError, audit_flow, check_inputs
+    from orforge.flows.audit import AuditInputError, audit_flow, check_inputs
+    from orforge.flows.recipes import recipe
 
+    built_with = release_recipe(release)
+    if not recipe(built_with).audits_moderators:
+        fail(f"--release {release}: a {built_with} release has no moderator votes to audit", 2)
     try:
         check_inputs(release, human)
     except AuditInputError as e:
@@ -206,10 +350,12 @@ def add_category(
     """Add rejection categories to a release: a new release folder with the old rows unchanged plus the new ones."""
     from pydantic import ValidationError
 
-    from core.config import CategorySpec
-    from flows.add_category import AddCategoryError, add_category_flow, existing_categories, plan
+    from orforge.core.config import CategorySpec
+    from orforge.flows.add_category import AddCategoryError, add_category_flow, existing_categories, plan
 
-    cfg = load(config) if config else None
+    cfg = load(config, recipe="orbench") if config else None
+    if release_recipe(release) != "orbench":
+        fail(f"--release {release}: add-category extends orbench releases only", 2)
     new: list[CategorySpec] = []
     if name or description:
         if not (name and description):
@@ -218,12 +364,15 @@ def add_category(
         if examples is not None:
             if not examples.is_file():
                 fail(f"--examples {examples}: no such file", 2)
-            if examples.suffix == ".csv":
-                import polars as pl
+            try:
+                if examples.suffix == ".csv":
+                    import polars as pl
 
-                example_list = pl.read_csv(examples)["prompt"].to_list()
-            else:
-                example_list = [line.strip() for line in examples.read_text().splitlines() if line.strip()]
+                    example_list = pl.read_csv(examples, columns=["prompt"])["prompt"].drop_nulls().to_list()
+                else:
+                    example_list = [line.strip() for line in examples.read_text().splitlines() if line.strip()]
+            except Exception as e:  # noqa: BLE001 - an unreadable examples file is bad input
+                fail(f"--examples {examples}: cannot read it: {describe(e)}", 2)
         try:
             new.append(CategorySpec(name=name, description=description, examples=example_list))
         except ValidationError as e:
@@ -241,7 +390,7 @@ def add_category(
     if output is not None and output.exists():
         fail(f"--output {output} already exists", 2)
     started = time.monotonic()
-    folder = run_flow("add-category", add_category_flow, release=str(release),
+    folder = run_flow("add-category", add_category_flow, run_log_file(cfg, "add-category"), release=str(release),
                       categories=[c.model_dump() for c in new], config_path=str(config) if config else None,
                       output=str(output) if output else None)
     _print_summary(Path(folder), time.monotonic() - started)
@@ -258,16 +407,16 @@ def serve(
     Each run writes a new dated release with diff.json/diff.md against the previous one. Ctrl-C stops serving and
     pauses the deployment.
     """
-    load(config)
-    from flows.schedule import ScheduleError
-    from flows.schedule import serve as serve_schedule
+    load(config, recipe="orbench")
+    from orforge.flows.schedule import ScheduleError
+    from orforge.flows.schedule import serve as serve_schedule
 
     try:
         serve_schedule(config, cron, name)  # checks cron, name and server before registering anything
     except ScheduleError as e:
         fail(str(e), 2)
     except Exception as e:  # noqa: BLE001 - the CLI turns any serving failure into one clear line and exit 1
-        fail(f"serve failed: {type(e).__name__}: {e}", 1)
+        fail(f"serve failed: {describe(e)}", 1)
 
 
 @models_app.command("check")
@@ -275,8 +424,8 @@ def models_check(config: ConfigOpt) -> None:
     """Send one tiny structured request to every configured model; exit 1 if any fails."""
     from pydantic import BaseModel
 
-    from llm.hub import LLMHub
-    from llm.types import LLMRequest
+    from orforge.llm.hub import LLMHub
+    from orforge.llm.types import LLMRequest
 
     class Ping(BaseModel):
         ok: bool
@@ -296,14 +445,14 @@ def models_check(config: ConfigOpt) -> None:
                 result = hub.model(spec, role).generate([request])[0]
                 ok, detail = result.ok, (result.text if result.ok else result.error)
             except Exception as e:  # noqa: BLE001 - a model that cannot even start is a failed check
-                ok, detail = False, f"{type(e).__name__}: {e}"
+                ok, detail = False, describe(e)
             if not ok:
                 failures.append(f"{role} {spec.label}: {detail}")
             table.add_row(role, spec.label, spec.backend, spec.dialect, "[green]ok[/]" if ok else "[red]failed[/]",
                           f"{time.monotonic() - start:.2f} s", (detail or "")[:120])
     console.print(table)
     for line in failures:
-        err.print(f"[red]failed[/] {line}", highlight=False, soft_wrap=True)
+        err.print(f"[red]failed[/] {escape(one_line(line))}", highlight=False, soft_wrap=True)
     if failures:
         fail(f"{len(failures)} model(s) failed the check", 1)
 
@@ -311,7 +460,7 @@ def models_check(config: ConfigOpt) -> None:
 @cache_app.command("stats")
 def cache_stats(config: ConfigOpt) -> None:
     """Entries, size and tokens in the request cache, per backend and model."""
-    from llm.cache import Cache
+    from orforge.llm.cache import Cache
 
     cfg = load(config)
     if not cfg.cache_path.exists():
@@ -331,7 +480,7 @@ def cache_stats(config: ConfigOpt) -> None:
 @cache_app.command("clear")
 def cache_clear(config: ConfigOpt, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
     """Delete every cached answer (the next build asks the models again)."""
-    from llm.cache import Cache
+    from orforge.llm.cache import Cache
 
     cfg = load(config)
     if not cfg.cache_path.exists():
@@ -349,30 +498,36 @@ def cache_clear(config: ConfigOpt, yes: Annotated[bool, typer.Option("--yes", he
 def refusal_classify(
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV or parquet with columns prompt, response.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV or parquet to write (by extension).")],
-    method: Annotated[str, typer.Option(help="keyword | judge | keyword_then_judge")] = "keyword",
+    method: Annotated[str, typer.Option(help="phrase | keyword | heuristic | judge | keyword_then_judge")]
+    = "keyword",
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose refusal.judge is the judge.")]
     = None,
+    phrase: Annotated[str, typer.Option(help="The abstention token the `phrase` method looks for.")] = "ABSTAIN",
 ) -> None:
     """Add `refusal`, `label` and `method` columns to a file of model completions."""
     import polars as pl
 
-    from moderators.refusal import classify_refusals
+    from orforge.moderators.abstention import classify_abstentions, methods
 
-    if method not in ("keyword", "judge", "keyword_then_judge"):
-        fail(f"--method must be keyword, judge or keyword_then_judge, got {method!r}", 2)
+    if method not in methods():
+        fail(f"--method must be one of {', '.join(methods())}, got {method!r}", 2)
+    if method == "phrase" and not phrase.strip():
+        fail("--phrase must not be empty", 2)
     if not input.is_file():
         fail(f"--input {input}: no such file", 2)
     if output.suffix not in (".csv", ".parquet"):
         fail(f"--output {output}: must end in .csv or .parquet", 2)
+    if not output.parent.is_dir():
+        fail(f"--output {output}: the folder {output.parent} does not exist", 2)
     try:
         frame = pl.read_parquet(input) if input.suffix == ".parquet" else pl.read_csv(input)
-    except Exception as e:  # noqa: BLE001
-        fail(f"--input {input}: cannot read it: {e}", 2)
+    except Exception as e:  # noqa: BLE001 - whatever polars or the file system says, it is unreadable input
+        fail(f"--input {input}: cannot read it: {describe(e)}", 2)
     missing = [c for c in ("prompt", "response") if c not in frame.columns]
     if missing:
         fail(f"--input {input}: missing column(s) {', '.join(missing)}", 2)
     judge_spec = None
-    if method != "keyword":
+    if method in ("judge", "keyword_then_judge"):
         if config is None:
             fail(f"--method {method} needs --config with refusal.judge", 2)
         cfg = load(config)
@@ -382,13 +537,16 @@ def refusal_classify(
         cache_path = cfg.cache_path
     else:
         cache_path = None
-    from llm.hub import LLMHub
-    from outputs.atomic import write_csv, write_parquet
+    from orforge.llm.hub import LLMHub
+    from orforge.outputs.atomic import write_csv, write_parquet
 
     with tempfile.TemporaryDirectory() as tmp, LLMHub(cache_path or Path(tmp) / "c.sqlite") as hub:
         judge = hub.model(judge_spec, "judge") if judge_spec else None
-        result = classify_refusals(frame, method, judge)
-    (write_parquet if output.suffix == ".parquet" else write_csv)(output, result.records)
+        result = classify_abstentions(frame, method, judge, phrase=phrase.strip())
+    try:
+        (write_parquet if output.suffix == ".parquet" else write_csv)(output, result.records)
+    except OSError as e:
+        fail(f"--output {output}: cannot write it: {describe(e)}", 1)
     counts = result.records["method"].value_counts().sort("method").rows()
     refused = result.records["refusal"].sum()
     console.print(f"{result.records.height} rows -> {output}: {refused} refusals; decided by "

@@ -8,20 +8,20 @@ better). Everything goes through the request cache and the shard store, so a rer
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 from prefect import flow
 
-from core.categories import resolve_categories
-from core.config import BuildConfig, load_config
-from flows.build import BuildContext, answer_all
-from llm.hub import LLMHub
-from outputs.atomic import atomic_folder, write_csv, write_parquet
-from outputs.report import write_report
-from outputs.scoring import category_plot, scatter_plot, score, scoring_frame
-from outputs.splits import balanced_sample
+from orforge.core.categories import resolve_categories
+from orforge.core.config import BuildConfig, load_config
+from orforge.flows.build import BuildContext, answer_all
+from orforge.flows.common import new_folder
+from orforge.llm.hub import LLMHub
+from orforge.outputs.atomic import atomic_folder, write_csv, write_parquet
+from orforge.outputs.report import write_report
+from orforge.outputs.scoring import category_plot, scatter_plot, score, scoring_frame
+from orforge.outputs.splits import balanced_sample
 
 
 class EvaluateInputError(ValueError):
@@ -51,11 +51,11 @@ def evaluate(release: Path, cfg: BuildConfig, benign_sample: int | None = None) 
     prompts = (pl.concat([f.select("prompt_id", "prompt", "category") for f in splits.values()])
                .unique("prompt_id", keep="first", maintain_order=True))
     with LLMHub(cfg.cache_path) as hub:
-        ctx = BuildContext(cfg, hub, resolve_categories(cfg.categories), cfg.work_dir)
+        ctx = BuildContext(cfg, hub, cfg.work_dir, categories=resolve_categories(cfg.categories))
         responses, failures = answer_all(ctx, prompts, cfg.targets, "target")
         usage = hub.usage_rows()
     scores = score(scoring_frame(responses, splits), seed=cfg.seed)
-    folder = release / "evaluations" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    folder = new_folder(release / "evaluations")
     with atomic_folder(folder) as tmp:
         write_parquet(tmp / "responses.parquet", responses)
         write_parquet(tmp / "failures.parquet", failures)

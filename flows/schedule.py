@@ -4,8 +4,8 @@
 process whenever the server says so (Prefect's `Flow.serve`). `prefect.yaml` at the repository root declares the
 same deployment for work-pool users (`prefect deploy`).
 
-Each scheduled run writes a new dated release `<output_dir>/<name>/<YYYYmmdd-HHMMSS>`, reusing the request cache
-and the stored shards, and writes `diff.json` and `diff.md` into it: prompts added and removed per split and
+Each scheduled run writes a new dated release `<output_dir>/<name>/<YYYYmmdd-HHMMSS>-<run id>`, reusing the request
+cache and the stored shards, and writes `diff.json` and `diff.md` into it: prompts added and removed per split and
 category, against the newest earlier release of the same name.
 
 With `against_previous` (the default) the previous release's prompts also go into `dedup.against`, with one
@@ -18,28 +18,26 @@ prompts that are not near-copies of released ones. See docs/design/scheduled-reb
 from __future__ import annotations
 
 import logging
-import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from core.categories import resolve_categories
-from core.config import BuildConfig, load_config, stable_hash
-from core.records import CANDIDATES, SEEDS, empty
-from flows.build import BuildContext, build, release_folder, rewrites_task, seeds_task, shards
-from llm.hub import LLMHub
-from outputs.atomic import write_parquet
-from outputs.diff import diff_markdown, diff_releases, write_diff
-from outputs.release import MANIFEST
-from outputs.splits import PUBLISHED_SPLITS
+from orforge.core.categories import resolve_categories
+from orforge.core.config import BuildConfig, load_config, stable_hash
+from orforge.core.records import CANDIDATES, SEEDS, empty
+from orforge.flows.build import BuildContext, build, rewrites_task, seeds_task, shards
+from orforge.flows.common import RELEASE_NAME, next_release_folder
+from orforge.llm.hub import LLMHub
+from orforge.outputs.atomic import write_parquet
+from orforge.outputs.diff import diff_markdown, diff_releases, write_diff
+from orforge.outputs.release import MANIFEST
+from orforge.outputs.splits import PUBLISHED_SPLITS
 
 log = logging.getLogger("orforge.schedule")
 
 FLOW_NAME = "orforge-scheduled-build"
-RELEASE_NAME = re.compile(r"^\d{8}-\d{6}$")  # flows.build.release_folder's timestamp
 SERVER_TIMEOUT_S = 10.0
 
 
@@ -101,20 +99,9 @@ def latest_release(cfg: BuildConfig) -> Path | None:
     return found[-1] if found else None
 
 
-def next_release_folder(cfg: BuildConfig, previous: Path | None) -> Path:
-    """The dated folder for a new release: now, or one second after the previous release if that is not earlier, and
-    free. Two runs within one second (a manual trigger next to a scheduled one) get distinct, ordered folders."""
-    when = datetime.now(UTC).replace(microsecond=0)
-    if previous is not None:
-        when = max(when, datetime.strptime(previous.name, "%Y%m%d-%H%M%S").replace(tzinfo=UTC) + timedelta(seconds=1))
-    while release_folder(cfg, when).exists():
-        when += timedelta(seconds=1)
-    return release_folder(cfg, when)
-
-
 def with_previous_release(cfg: BuildConfig, previous: Path) -> BuildConfig:
     """`cfg` with the previous release added to `dedup.against`: released prompts that this build makes again are
-    kept (see flows.build.dedup_task), new near-copies of released prompts are dropped."""
+    kept (see orforge.dedup.released), new near-copies of released prompts are dropped."""
     return cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"against": [*cfg.dedup.against, previous]})})
 
 

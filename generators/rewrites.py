@@ -10,12 +10,12 @@ from pathlib import Path
 
 import polars as pl
 
-from core.config import RewritesConfig, stable_hash
-from core.records import CANDIDATES, FAILURES, StageResult, frame
-from core.templates import load_template, normalize
-from generators.seeds import prompt_list_model
-from llm.hub import LLM
-from llm.types import LLMRequest
+from orforge.core.config import RewritesConfig, stable_hash
+from orforge.core.records import CANDIDATES, FAILURES, StageResult, frame
+from orforge.core.templates import load_template, normalize
+from orforge.generators.seeds import prompt_list_model
+from orforge.llm.hub import LLM
+from orforge.llm.types import LLMRequest
 
 TEMPLATE = Path(__file__).parent / "templates" / "rewrite.md"
 

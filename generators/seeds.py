@@ -12,11 +12,11 @@ from typing import Annotated
 import polars as pl
 from pydantic import BaseModel, Field, StringConstraints, create_model
 
-from core.config import SeedsConfig, stable_hash
-from core.records import FAILURES, SEEDS, StageResult, frame
-from core.templates import load_template, normalize
-from llm.hub import LLM
-from llm.types import LLMRequest
+from orforge.core.config import SeedsConfig, stable_hash
+from orforge.core.records import FAILURES, SEEDS, StageResult, frame
+from orforge.core.templates import load_template, normalize
+from orforge.llm.hub import LLM
+from orforge.llm.types import LLMRequest
 
 TEMPLATE = Path(__file__).parent / "templates" / "seeds.md"
 PromptText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=8, max_length=400)]

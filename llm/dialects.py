@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from core.config import Dialect
+from orforge.core.config import Dialect
 
 
 def response_format(dialect: Dialect, schema: dict, name: str) -> dict | None:

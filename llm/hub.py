@@ -22,11 +22,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core.config import ModelSpec
-from llm.backends import backend_class
-from llm.cache import Cache, cache_key
-from llm.dialects import extract_json, schema_instruction
-from llm.types import BackendError, CircuitOpenError, LLMRequest, LLMResult, Prepared, RawCompletion, Usage
+from orforge.core.config import ModelSpec
+from orforge.llm.backends import backend_class
+from orforge.llm.cache import Cache, cache_key
+from orforge.llm.dialects import extract_json, schema_instruction
+from orforge.llm.types import BackendError, CircuitOpenError, LLMRequest, LLMResult, Prepared, RawCompletion, Usage
 
 log = logging.getLogger("orforge.llm")
 
@@ -120,7 +120,7 @@ class LLMHub:
             return self._services[key]
 
     # -- the request path ---------------------------------------------------------------------------------------
-    def _prepare(self, llm: LLM, req: LLMRequest, index: int) -> Prepared:
+    def _prepare(self, llm: LLM, req: LLMRequest, index: int, answer_keys: dict[bool, str]) -> Prepared:
         spec = llm.spec
         messages = [dict(m) for m in req.messages]
         if spec.system_prompt:
@@ -131,7 +131,7 @@ class LLMHub:
         schema = response_schema(req.response_model) if req.response_model else None
         if schema is not None and spec.dialect == "none":
             messages[-1]["content"] += schema_instruction(schema)
-        key = cache_key(spec, messages, schema, req.sample_index)
+        key = cache_key(answer_keys[schema is not None], messages, schema, req.sample_index)
         params = {"temperature": spec.temperature, "max_tokens": spec.max_tokens, "seed": req.sample_index}
         name = req.response_model.__name__ if req.response_model else "reply"
         return Prepared(messages, params, schema, key, index, 0, {"schema_name": name})
@@ -158,7 +158,9 @@ class LLMHub:
         usage = self.usage[(llm.role, llm.label)]
         batch_usage = Usage()
         lenient = llm.spec.dialect == "none"
-        prepared = [self._prepare(llm, r, i) for i, r in enumerate(requests)]
+        # Once per batch, as each hashes the spec; a request without a schema leaves the dialect out.
+        answer_keys = {structured: llm.spec.answer_key(structured) for structured in (True, False)}
+        prepared = [self._prepare(llm, r, i, answer_keys) for i, r in enumerate(requests)]
         results: list[LLMResult | None] = [None] * len(requests)
 
         def finish(i: int, result: LLMResult) -> None:
@@ -175,13 +177,15 @@ class LLMHub:
         for key, group in by_key.items():
             if key in hits:
                 raw = RawCompletion(**hits[key])
-                for p in group:
-                    parsed, err = self._validate(requests[p.index], raw, lenient)
-                    batch_usage.cached += 1
-                    finish(p.index, LLMResult(requests[p.index], err is None, raw.text, parsed, err, True, 0,
-                                              raw.prompt_tokens, raw.completion_tokens, raw.finish_reason))
-            else:
-                pending.append(group[0])
+                checked = [(p, *self._validate(requests[p.index], raw, lenient)) for p in group]
+                # Only validated answers are stored, so one that fails now was damaged on disk: ask again.
+                if all(err is None for _, _, err in checked):
+                    for p, parsed, _ in checked:
+                        batch_usage.cached += 1
+                        finish(p.index, LLMResult(requests[p.index], True, raw.text, parsed, None, True, 0,
+                                                  raw.prompt_tokens, raw.completion_tokens, raw.finish_reason))
+                    continue
+            pending.append(group[0])
 
         breaker = self._breakers[llm.endpoint_key]
         try:

@@ -18,8 +18,8 @@ and a prompts frame (prompt_id, prompt, category) and returns plain tables:
 A vote whose prompt_id is not in `prompts` is kept with category "(unknown)" and no prompt text. Moderators and
 categories are sorted by name; every table is deterministic for a given input.
 
-`human_agreement` compares each moderator, and the ensemble's decisions, with a human-labelled file. `write_audit`
-writes the tables and a kappa heatmap to `<folder>/audit/`.
+`human_agreement` compares each moderator, and the ensemble's decisions, with a human-labelled file. Writing the
+tables and the kappa heatmap is `orforge.outputs.audit.write_audit`: this module only computes.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ ALL = "all"
 UNKNOWN_CATEGORY = "(unknown)"
 VERDICTS = ("benign", "toxic")
 ENSEMBLE = "ensemble"
-AUDIT_FOLDER = "audit"
-HEATMAP = "agreement_heatmap.png"
 
 PAIRWISE = {
     "moderator_a": pl.Utf8,
@@ -360,28 +358,3 @@ def human_agreement(
             **_scores(scored["label"].to_list(), scored["decision"].to_list()),
         })
     return _frame(rows, HUMAN)
-
-
-# ---------------------------------------------------------------------------------------------------- files
-
-
-def _csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
-    lists = [c for c, t in frame.schema.items() if isinstance(t, pl.List)]
-    return frame.with_columns(pl.col(c).list.join("; ") for c in lists) if lists else frame
-
-
-def write_audit(folder: Path | str, result: dict[str, pl.DataFrame]) -> Path:
-    """Write every table of `result` (from `agreement`, plus e.g. result["human"] = human_agreement(...)) as
-    `<folder>/audit/<name>.csv`, and the pairwise kappa heatmap as `agreement_heatmap.png`. Each file is written
-    atomically. List columns (who voted toxic) become "a; b" strings. Returns the audit folder."""
-    # File writing and drawing live in outputs/; imported here so computing the tables does not need them.
-    from outputs.atomic import write_bytes, write_csv
-    from outputs.plots import kappa_heatmap
-
-    audit = Path(folder) / AUDIT_FOLDER
-    audit.mkdir(parents=True, exist_ok=True)
-    for name, table in result.items():
-        write_csv(audit / f"{name}.csv", _csv_ready(table))
-    if "pairwise" in result:
-        write_bytes(audit / HEATMAP, kappa_heatmap(result["pairwise"]))
-    return audit

@@ -13,11 +13,11 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel, Field, create_model
 
-from core.config import AtLeast, CategorySpec
-from core.records import DECISIONS, FAILURES, VOTES, StageResult, frame
-from core.templates import load_template
-from llm.hub import LLM
-from llm.types import LLMRequest
+from orforge.core.config import AtLeast, CategorySpec
+from orforge.core.records import DECISIONS, FAILURES, VOTES, StageResult, frame
+from orforge.core.templates import load_template
+from orforge.llm.hub import LLM
+from orforge.llm.types import LLMRequest
 
 TEMPLATE = Path(__file__).parent / "templates" / "moderate.md"
 VoteRule = Literal["majority", "unanimous"] | AtLeast

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from core.records import FAILURES, StageResult, frame
-from llm.hub import LLM
-from llm.types import LLMRequest
+from orforge.core.records import FAILURES, StageResult, frame
+from orforge.llm.hub import LLM
+from orforge.llm.types import LLMRequest
 
 ANSWER_SCHEMA = {"prompt_id": pl.Utf8, "prompt": pl.Utf8, "member": pl.Utf8, "model": pl.Utf8, "response": pl.Utf8}
 HARD_MEMBERS = {"prompt_id": pl.Utf8, "rejected_by": pl.List(pl.Utf8), "n_rejections": pl.Int64}

@@ -26,10 +26,10 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel, Field
 
-from core.config import RefusalMethod, stable_hash
-from core.records import FAILURES, StageResult, frame
-from llm.hub import LLM
-from llm.types import LLMRequest
+from orforge.core.config import RefusalMethod, stable_hash
+from orforge.core.records import FAILURES, StageResult, frame
+from orforge.llm.hub import LLM
+from orforge.llm.types import LLMRequest
 
 KeywordVerdict = Literal["refusal", "answer", "unsure"]
 RefusalLabel = Literal["direct_answer", "direct_refusal", "indirect_refusal"]

@@ -7,7 +7,9 @@ and `in_previous` / `in_current` say so.
 
 `diff.json` lists the ids added and removed (so an evaluation can be brought up to date without rereading both
 releases); `diff.md` is the human summary with a few example prompts. Both are derived files
-(`outputs.release.DERIVED`): the manifest does not hash them.
+(`outputs.release.DERIVED`): the manifest does not hash them. A release is named by its folder's name, its
+manifest's sha256 and its creation time, never by a path: the files may be published, and the builder's file system
+is nobody else's business (the sha256 pins the exact release wherever it is copied).
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from typing import Any
 
 import polars as pl
 
-from outputs.atomic import write_json, write_text
-from outputs.release import RECORD_ONLY_SPLITS, read_manifest
-from outputs.splits import PUBLISHED_SPLITS
+from orforge.outputs.atomic import write_json, write_text
+from orforge.core.manifest import Manifest
+from orforge.outputs.release import RECORD_ONLY_SPLITS, manifest_sha256, read_manifest
+from orforge.outputs.splits import PUBLISHED_SPLITS
 
 DIFF_JSON = "diff.json"
 DIFF_MD = "diff.md"
 EXAMPLES_PER_SPLIT = 5
 
 
-def _published(manifest: dict[str, Any]) -> list[str]:
-    return [s["name"] for s in manifest.get("splits", []) if s["name"] not in RECORD_ONLY_SPLITS]
+def _published(manifest: Manifest) -> list[str]:
+    return [s.name for s in manifest.splits if s.name not in RECORD_ONLY_SPLITS]
 
 
 def _split_frame(folder: Path, split: str, present: bool) -> pl.DataFrame:
@@ -38,10 +41,10 @@ def _split_frame(folder: Path, split: str, present: bool) -> pl.DataFrame:
     return pl.read_parquet(folder / f"{split}.parquet", columns=list(schema)).cast(schema)
 
 
-def _settings(manifest: dict[str, Any]) -> dict[str, Any]:
+def _settings(manifest: Manifest) -> dict[str, Any]:
     """The recorded config without `dedup.against`: a scheduled rebuild points that at the previous release, which
     differs every run, while the settings that make the prompts stay the same."""
-    config = json.loads(json.dumps(manifest.get("config") or {}))
+    config = json.loads(json.dumps(manifest.config))
     if isinstance(config.get("dedup"), dict):
         config["dedup"].pop("against", None)
     return config
@@ -83,15 +86,18 @@ def diff_releases(previous: Path | str, current: Path | str) -> dict[str, Any]:
             "removed_examples": removed.select("category", "prompt").head(EXAMPLES_PER_SPLIT).to_dicts(),
         }
     return {
-        "previous": str(previous),
-        "current": str(current),
-        "previous_created": prev_manifest.get("created"),
-        "current_created": cur_manifest.get("created"),
+        "previous": _release_ref(previous, prev_manifest),
+        "current": _release_ref(current, cur_manifest),
         "config_changed": _settings(prev_manifest) != _settings(cur_manifest),
         "added": sum(s["added"] for s in splits.values()),
         "removed": sum(s["removed"] for s in splits.values()),
         "splits": splits,
     }
+
+
+def _release_ref(folder: Path, manifest: Manifest) -> dict[str, str]:
+    return {"folder": folder.resolve().name, "name": manifest.name, "created": manifest.created,
+            "manifest_sha256": manifest_sha256(folder)}
 
 
 def _cell(value: Any) -> str:
@@ -107,8 +113,9 @@ def diff_markdown(diff: dict[str, Any]) -> str:
     out = [
         "# Changes since the previous release",
         "",
-        f"Previous release: `{diff['previous']}` (created {diff['previous_created']}). "
-        f"This release: `{diff['current']}` (created {diff['current_created']}).",
+        f"Previous release: `{diff['previous']['folder']}` (created {diff['previous']['created']}, manifest sha256 "
+        f"`{diff['previous']['manifest_sha256'][:16]}`). This release: `{diff['current']['folder']}` (created "
+        f"{diff['current']['created']}, manifest sha256 `{diff['current']['manifest_sha256'][:16]}`).",
         "",
         f"{diff['added']} prompts added and {diff['removed']} removed over all published splits, counted by "
         "prompt_id (a content hash: an edited prompt is one removed and one added). "

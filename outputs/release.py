@@ -5,10 +5,16 @@ publishes) and `<split>.parquet` with the lineage; `votes.parquet`, `failures.pa
 given); `README.md`, a dataset card whose YAML header lists one `configs:` entry per non-empty published split so
 `datasets.load_dataset(folder, "<split>")` finds it; and `manifest.json`, written last, with the sha256 and size of
 every other file. The folder is built aside and renamed into place (`outputs.atomic.atomic_folder`).
+
+The manifest is a `core.manifest.Manifest`: `write_release` builds it once and writes it with `model_dump_json`,
+`read_manifest` reads it back typed (a `ManifestError` with one line for a missing or invalid file). Besides the
+counts and hashes it records what shapes the data beyond the config: the code version, the versions of the libraries
+that make or judge the text (`library_versions`) and the embedding model used for near-duplicate removal.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -23,9 +29,26 @@ from typing import Any
 import polars as pl
 import yaml
 
-from core.config import AtLeast, BuildConfig
-from outputs.atomic import atomic_folder, write_csv, write_json, write_parquet, write_text
-from outputs.splits import PUBLISHED_SPLITS
+from orforge.core.config import AtLeast, BuildConfig, RecipeConfig
+from orforge.core.manifest import (
+    CodeVersion,
+    Counts,
+    EmbeddingModel,
+    FailureCounts,
+    FileHash,
+    Libraries,
+    Manifest,
+    ManifestError,
+    MissingManifestError,
+    ModelRef,
+    ModelUsage,
+    ParentRelease,
+    RoleUsage,
+    SplitEntry,
+)
+from orforge.core.recipes import parse_any
+from orforge.outputs.atomic import atomic_folder, write_csv, write_parquet, write_text
+from orforge.outputs.splits import PUBLISHED_SPLITS
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -37,8 +60,44 @@ RECORD_ONLY_SPLITS = frozenset({"contested", "candidates"})
 DERIVED = ("report.html", "audit/", "evaluations/", "diff.json", "diff.md")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+# Packages whose version can change the text a build produces or how it is judged and deduplicated. Only installed
+# ones are recorded (llama-cpp-python and vllm are optional backends). Like lm-evaluation-harness's record of the
+# transformers version next to its results, this is what to compare first when two builds of one config differ.
+SHAPING_LIBRARIES = ("openai", "llama-cpp-python", "vllm", "sentence-transformers", "transformers", "faiss-cpu",
+                     "polars", "prefect", "torch")
 # Config keys whose values must not reach a public manifest (a `${VAR}` may have expanded a key into `extra`).
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|secret|password|passwd|authorization|token|bearer)$", re.I)
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What a recipe's card text is written from (the YAML header above it is the same for every recipe)."""
+
+    name: str
+    info: ManifestInfo
+    split_rows: dict[str, int]
+    configs: list[str]
+    split_groups: pl.DataFrame
+    version: CodeVersion
+    license_id: str
+    tokens: dict[str, RoleUsage]
+    notes: dict[str, Any]
+    layout: ReleaseLayout
+
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """How a recipe's release is laid out: the published splits in order, which frames are kept for the record only
+    (parquet, no CSV, no dataset config), the CSV columns, the column split rows are counted by, the card's tags and
+    the card text (everything below the YAML header). OR-Bench's is `ORBENCH_LAYOUT`; another recipe passes its own
+    to `write_release`, so the folder, manifest, hashes and card header are written by one piece of code."""
+
+    split_order: tuple[str, ...]
+    record_only: frozenset[str]
+    csv_columns: tuple[str, ...]
+    group_column: str
+    tags: tuple[str, ...]
+    card_body: Any  # Callable[[CardFacts], list[str]]
 
 
 @dataclass
@@ -46,8 +105,13 @@ class ManifestInfo:
     """What the release needs to know beyond its frames.
 
     `config` is the run's BuildConfig (or its dict); `funnel` is `outputs.splits.funnel(...)`; `tokens` maps a role
-    to its token counts (e.g. {"moderator": {"prompt_tokens": ..., "completion_tokens": ...}}); `notes` are run
-    facts worth a line in the card (e.g. {"hard": "not built: no panel configured"}).
+    to its counts (`core.manifest.RoleUsage` fields, e.g. {"moderator": {"prompt_tokens": ..., ...}}); `usage` is
+    the same per (role, model) as `LLMHub.usage_rows()` returns; `notes` are run facts worth a line in the card (e.g.
+    {"hard": "not built: no panel configured"}). `license` defaults to the config's. `embedding_model` defaults to
+    the bundled MiniLM that `dedup.embed.Embedder` uses unless told otherwise (`embedding_model_facts`).
+
+    A `usage_by_model` entry in `notes` (where flows.build has put the per-model usage) is taken as `usage` when
+    `usage` is not given, so it lands in its typed field and not in the free-form notes.
     """
 
     config: BuildConfig | dict
@@ -55,8 +119,12 @@ class ManifestInfo:
     tokens: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
-    license: str = "unknown"
+    license: str | None = None
     created: str | None = None
+    usage: list[dict[str, Any]] | None = None
+    parent: ParentRelease | None = None
+    embedding_model: EmbeddingModel | None = None
+    recipe: str | None = None  # default: the config's `recipe`, else "orbench"
 
 
 @dataclass
@@ -81,7 +149,7 @@ class ReleaseCheck:
 # ---------------------------------------------------------------------------------------------------- facts
 
 
-def code_version() -> dict[str, Any]:
+def code_version() -> CodeVersion:
     """orforge's version and, when running from a git checkout, its commit and whether the tree had changes."""
     try:
         version = importlib.metadata.version("orforge")
@@ -101,7 +169,41 @@ def code_version() -> dict[str, Any]:
                 info["git_dirty"] = bool(status) if status is not None else None
     except OSError:
         pass
-    return info
+    return CodeVersion(**info)
+
+
+def library_versions() -> dict[str, str]:
+    """{package: version} for each of `SHAPING_LIBRARIES` that is installed."""
+    versions = {}
+    for package in SHAPING_LIBRARIES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@functools.cache
+def embedding_model_facts() -> EmbeddingModel | None:
+    """The bundled MiniLM as `dedup.embed.Embedder` uses it by default: its store key and a sha256 over its files
+    (relative path and content of each, in order). None when the model package is not installed. Hashed once per
+    process: about 90 MB of weights."""
+    from orforge.dedup.embed import Embedder, bundled_model_dir
+
+    try:
+        folder = bundled_model_dir()
+    except (ImportError, FileNotFoundError):
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    with Embedder(None) as embedder:  # in-memory store: only its key is wanted
+        key = embedder.model_key
+    # The default key is "<model name>/<package>==<version>" (the bundled folder itself is just called "model").
+    return EmbeddingModel(name=key.split("/", 1)[0], key=key, sha256=digest.hexdigest())
 
 
 def _git(*args: str) -> str | None:
@@ -134,21 +236,36 @@ def _as_build_config(config: BuildConfig | dict) -> BuildConfig | None:
         return None
 
 
-def _config_facts(config: BuildConfig | dict) -> tuple[dict, str]:
-    cfg = _as_build_config(config)
+def _recipe_of(config: Any) -> str:
+    recipe = config.get("recipe") if isinstance(config, dict) else getattr(config, "recipe", None)
+    return recipe if isinstance(recipe, str) and recipe else "orbench"
+
+
+def _as_recipe_config(config: RecipeConfig | dict) -> RecipeConfig | None:
+    """The config as a typed recipe config (any recipe), or None for a dict that no longer validates."""
+    if isinstance(config, RecipeConfig):
+        return config
+    try:
+        return parse_any(config, "manifest")
+    except Exception:
+        return None
+
+
+def _config_facts(config: RecipeConfig | dict) -> tuple[dict, str]:
+    cfg = _as_recipe_config(config)
     if cfg is not None:
         return _redact(cfg.model_dump(mode="json")), cfg.config_hash()
     raw = json.dumps(config, sort_keys=True, default=str)
     return _redact(json.loads(raw)), hashlib.sha256(raw.encode()).hexdigest()
 
 
-def models_by_role(config: BuildConfig | dict) -> dict[str, list[dict[str, str]]]:
-    cfg = _as_build_config(config)
+def models_by_role(config: RecipeConfig | dict) -> dict[str, list[ModelRef]]:
+    cfg = _as_recipe_config(config)
     if cfg is None:
         return {}
-    roles: dict[str, list[dict[str, str]]] = {}
+    roles: dict[str, list[ModelRef]] = {}
     for role, spec in cfg.all_specs():
-        roles.setdefault(role, []).append({"name": spec.label, "backend": spec.backend, "model": spec.model})
+        roles.setdefault(role, []).append(ModelRef(name=spec.label, backend=spec.backend, model=spec.model))
     return roles
 
 
@@ -160,22 +277,22 @@ def _vote_rule(cfg: BuildConfig) -> str:
     return f"{vote} of {n} moderator{'s' if n != 1 else ''}"
 
 
-def _by_category(frame: pl.DataFrame) -> dict[str, int]:
-    if frame.height == 0 or "category" not in frame.columns:
+def _by_category(frame: pl.DataFrame, column: str = "category") -> dict[str, int]:
+    if frame.height == 0 or column not in frame.columns:
         return {}
-    return dict(frame.group_by("category").len().sort("category").iter_rows())
+    return dict(frame.group_by(column).len().sort(column).iter_rows())
 
 
-def _failure_counts(failures: pl.DataFrame) -> dict[str, Any]:
+def _failure_counts(failures: pl.DataFrame) -> FailureCounts:
     by_stage: dict[str, dict[str, int]] = {}
     if failures.height:
         rows = failures.group_by("stage", "reason").len().sort("stage", "reason").iter_rows()
         for stage, reason, n in rows:
             by_stage.setdefault(str(stage), {})[str(reason)] = n
-    return {"total": failures.height, "by_stage": by_stage}
+    return FailureCounts(total=failures.height, by_stage=by_stage)
 
 
-def _file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
+def _file_hashes(folder: Path) -> dict[str, FileHash]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -185,11 +302,35 @@ def _file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-        files[rel] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+        files[rel] = FileHash(sha256=digest.hexdigest(), bytes=path.stat().st_size)
     return files
 
 
 # ---------------------------------------------------------------------------------------------------- card
+
+
+def flat_items(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, scalar or list of scalars) pairs for a JSON-like note, so nested facts read as lines, not as
+    Python reprs: {"shards": {"run": 2}} -> [("shards.run", 2)]. A list of mappings gets one key per item."""
+    if isinstance(node, dict):
+        if not node:
+            return [(prefix, None)] if prefix else []
+        out: list[tuple[str, Any]] = []
+        for key, value in node.items():
+            out += flat_items(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(node, list | tuple) and any(isinstance(v, dict | list | tuple) for v in node):
+        out = []
+        for i, value in enumerate(node):
+            out += flat_items(value, f"{prefix}[{i}]")
+        return out
+    return [(prefix, list(node) if isinstance(node, tuple) else node)]
+
+
+def _md_scalar(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "(none)"
+    return "(none)" if value is None else str(value)
 
 
 def _md_table(frame: pl.DataFrame) -> str:
@@ -201,12 +342,14 @@ def _md_table(frame: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _with_total(frame: pl.DataFrame) -> pl.DataFrame:
+def with_total(frame: pl.DataFrame, label: str = "total") -> pl.DataFrame:
+    """`frame` with a row summing its integer columns, labelled `label` in its first column (category or root)."""
     if frame.height == 0:
         return frame
     numeric = [c for c, t in frame.schema.items() if t.is_integer()]
-    total = frame.select(pl.lit("**total**").alias("category"), *[pl.col(c).sum() for c in numeric])
-    return pl.concat([frame.cast({c: pl.Int64 for c in numeric}), total.cast({c: pl.Int64 for c in numeric})])
+    key = frame.columns[0] if frame.columns[0] not in numeric else "category"
+    total = frame.select(pl.lit(label).alias(key), *[pl.col(c).sum().cast(pl.Int64) for c in numeric])
+    return pl.concat([frame.cast({c: pl.Int64 for c in numeric}), total], how="diagonal_relaxed")
 
 
 def _size_category(n: int) -> str:
@@ -224,34 +367,54 @@ _SPLIT_MEANING = {
 }
 
 
-def _card(
-    name: str,
-    info: ManifestInfo,
-    split_rows: dict[str, int],
-    configs: list[str],
-    split_categories: pl.DataFrame,
-    version: dict[str, Any],
-) -> str:
-    cfg = _as_build_config(info.config)
+def _card(facts: CardFacts) -> str:
+    """The dataset card: a YAML header that `datasets.load_dataset` reads (one config per non-empty published split,
+    the first the default), then the recipe's own text."""
     header = {
-        "pretty_name": name,
-        "license": info.license,
+        "pretty_name": facts.name,
+        "license": facts.license_id,
         "language": ["en"],
         "task_categories": ["text-generation"],
-        "tags": ["over-refusal", "safety", "llm-evaluation", "orforge"],
-        "size_categories": [_size_category(sum(split_rows[c] for c in configs))],
+        "tags": [*facts.layout.tags, "llm-evaluation", "orforge"],
+        "size_categories": [_size_category(sum(facts.split_rows[c] for c in facts.configs))],
         "configs": [
             {"config_name": c, "data_files": f"{c}.csv", **({"default": True} if i == 0 else {})}
-            for i, c in enumerate(configs)
+            for i, c in enumerate(facts.configs)
         ],
     }
     out = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    out += [
+    return "\n".join(out + facts.layout.card_body(facts))
+
+
+def card_build_facts(facts: CardFacts) -> list[str]:
+    """Card lines every recipe shares after its own method text: code version, tables of rows per split and group,
+    tokens per role, and the run's notes."""
+    version, tokens, notes = facts.version, facts.tokens, facts.notes
+    commit = f", commit `{version.git_commit}`" if version.git_commit else ""
+    out = [f"Code: orforge {version.orforge}{commit}; library versions in `{MANIFEST}`.", ""]
+    if facts.info.funnel is not None and facts.info.funnel.height:
+        out += ["### Funnel", "", "Rows at each stage.", "", _md_table(with_total(facts.info.funnel, "**total**")), ""]
+    if facts.split_groups.height:
+        out += ["### Rows per split and " + facts.layout.group_column.replace("_", " "), "",
+                _md_table(with_total(facts.split_groups, "**total**")), ""]
+    if tokens:
+        token_rows = [{"role": role, **usage.model_dump(exclude_none=True)} for role, usage in tokens.items()]
+        out += ["### Tokens per role", "", _md_table(pl.DataFrame(token_rows, infer_schema_length=None)), ""]
+    if notes:
+        out += ["### Notes", ""] + [f"- {k}: {_md_scalar(v)}" for k, v in flat_items(notes)] + [""]
+    return out
+
+
+def _orbench_card_body(facts: CardFacts) -> list[str]:
+    name, info, split_rows, configs = facts.name, facts.info, facts.split_rows, facts.configs
+    version, license_id = facts.version, facts.license_id  # noqa: F841 - version is used in the text below
+    cfg = _as_build_config(info.config)
+    out = [
         f"# {name}",
         "",
         f"{name} is a set of prompts for measuring over-refusal: requests that touch sensitive subjects and can look "
         "harmful at first glance, yet can be answered safely. A model that refuses them is being overcautious. "
-        f"It was built with orforge {version['orforge']} following the approach of OR-Bench (Cui et al., 2024): a "
+        f"It was built with orforge {version.orforge} following the approach of OR-Bench (Cui et al., 2024): a "
         "model writes harmful seed prompts for each category, a second model rewrites each seed into prompts that "
         "keep the sensitive surface but not the harmful intent, and several moderator models vote on every "
         "rewrite. Prompts are sorted by the vote into benign and toxic sets and near-duplicates are removed.",
@@ -293,7 +456,7 @@ def _card(
         roles = models_by_role(cfg)
 
         def names(role: str) -> str:
-            return ", ".join(f"`{m['name']}` ({m['backend']}: {m['model']})" for m in roles.get(role, [])) or "none"
+            return ", ".join(f"`{m.name}` ({m.backend}: {m.model})" for m in roles.get(role, [])) or "none"
 
         out += [
             f"- Seeds: {names('seeds')}, up to {cfg.seeds.seeds_per_category} per category.",
@@ -320,20 +483,7 @@ def _card(
         out += [f"- Sampling seed: {cfg.seed}. Config sha256: `{cfg.config_hash()}` (full config in `{MANIFEST}`).", ""]
     else:
         out += [f"The run's settings are recorded in `{MANIFEST}`.", ""]
-    commit = f", commit `{version['git_commit']}`" if version["git_commit"] else ""
-    out += [f"Code: orforge {version['orforge']}{commit}.", ""]
-
-    if info.funnel is not None and info.funnel.height:
-        out += ["### Funnel", "", "Prompts per category at each stage.", "", _md_table(_with_total(info.funnel)), ""]
-    if split_categories.height:
-        out += ["### Rows per split and category", "", _md_table(_with_total(split_categories)), ""]
-    if info.tokens:
-        token_rows = [
-            {"role": role, **(v if isinstance(v, dict) else {"tokens": v})} for role, v in info.tokens.items()
-        ]
-        out += ["### Tokens per role", "", _md_table(pl.DataFrame(token_rows)), ""]
-    if info.notes:
-        out += ["### Notes", ""] + [f"- {k}: {v}" for k, v in info.notes.items()] + [""]
+    out += card_build_facts(facts)
 
     out += [
         "## Intended use",
@@ -356,7 +506,7 @@ def _card(
         "",
         "## License and citation",
         "",
-        f"License: `{info.license}`. The prompts were produced by the models listed above; check their terms of use "
+        f"License: `{license_id}`. The prompts were produced by the models listed above; check their terms of use "
         "before redistributing. The method follows OR-Bench; if you use this dataset, please cite it:",
         "",
         "```bibtex",
@@ -369,7 +519,12 @@ def _card(
         "```",
         "",
     ]
-    return "\n".join(out)
+    return out
+
+
+ORBENCH_LAYOUT = ReleaseLayout(
+    split_order=PUBLISHED_SPLITS, record_only=RECORD_ONLY_SPLITS, csv_columns=CSV_COLUMNS, group_column="category",
+    tags=("over-refusal", "safety"), card_body=_orbench_card_body)
 
 
 # ---------------------------------------------------------------------------------------------------- write / read
@@ -378,106 +533,140 @@ def _card(
 def write_release(
     folder: Path | str,
     splits: dict[str, pl.DataFrame],
-    votes: pl.DataFrame,
+    votes: pl.DataFrame | None,
     failures: pl.DataFrame,
     manifest_info: ManifestInfo | dict,
     responses: pl.DataFrame | None = None,
     overwrite: bool = False,
     dedup: pl.DataFrame | None = None,
+    *,
+    layout: ReleaseLayout = ORBENCH_LAYOUT,
+    tables: dict[str, pl.DataFrame] | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete release to `folder` (built aside, renamed into place) and return its path.
 
-    `splits` maps a split name to its lineage frame (as `outputs.splits.assemble_splits` returns); every split
-    gets a parquet, and every one except the record-only `contested` a `prompt,category` CSV. Raises
-    `outputs.atomic.ReleaseWriteError` if anything fails, leaving nothing at `folder`.
+    `splits` maps a split name to its lineage frame; every split gets a parquet, and every one except the layout's
+    record-only frames a CSV of the layout's columns (OR-Bench: `prompt,category`). `tables` are further parquet
+    files and `files` further text files (name -> content), both hashed in the manifest like everything else.
+    Raises `outputs.atomic.ReleaseWriteError` if anything fails, leaving nothing at `folder`.
     """
     info = manifest_info if isinstance(manifest_info, ManifestInfo) else ManifestInfo(**manifest_info)
     folder = Path(folder)
-    cfg = _as_build_config(info.config)
-    name = info.name or (cfg.name if cfg else folder.name)
-    for split, frame in splits.items():
+    name = info.name or getattr(info.config, "name", None) or folder.name
+    tables, files = tables or {}, files or {}
+    for split, frame in {**splits, **tables}.items():
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", split):
-            raise ValueError(f"split name {split!r} must be lowercase letters, digits, '-' or '_'")
-        absent = [c for c in CSV_COLUMNS if c not in frame.columns]
-        if absent:
+            raise ValueError(f"split name {split!r} (or table name) must be lowercase letters, digits, '-' or '_'")
+    for split, frame in splits.items():
+        absent = [c for c in layout.csv_columns if c not in frame.columns]
+        if absent and split not in layout.record_only:
             raise ValueError(f"split {split!r} lacks column(s) {absent}")
 
-    order = [s for s in PUBLISHED_SPLITS if s in splits] + sorted(s for s in splits if s not in PUBLISHED_SPLITS)
+    order = [s for s in layout.split_order if s in splits] + sorted(s for s in splits if s not in layout.split_order)
     split_rows = {s: splits[s].height for s in order}
-    configs = [s for s in order if s not in RECORD_ONLY_SPLITS and splits[s].height > 0]
-    published = [s for s in order if s not in RECORD_ONLY_SPLITS]
-    split_categories = _split_category_table({s: splits[s] for s in published})
+    configs = [s for s in order if s not in layout.record_only and splits[s].height > 0]
+    published = [s for s in order if s not in layout.record_only]
+    split_groups = _split_category_table({s: splits[s] for s in published}, layout.group_column)
     version = code_version()
     config_dict, config_hash = _config_facts(info.config)
+    license_id = info.license or getattr(info.config, "license", None) or "unknown"
+    notes = dict(info.notes)
+    usage = info.usage if info.usage is not None else notes.pop("usage_by_model", None)
+    if info.usage is not None:
+        notes.pop("usage_by_model", None)
+    tokens = {role: RoleUsage.model_validate(v) for role, v in info.tokens.items()}
+    # Everything but the file hashes is known before writing: a field that does not fit fails before any file.
+    manifest = Manifest(
+        recipe=info.recipe or _recipe_of(info.config),
+        name=name,
+        created=info.created or datetime.now(UTC).isoformat(timespec="seconds"),
+        license=license_id,
+        code=version,
+        config=config_dict,
+        config_hash=config_hash,
+        models=models_by_role(info.config),
+        splits=[
+            SplitEntry(name=s, rows=split_rows[s], parquet=f"{s}.parquet",
+                       csv=f"{s}.csv" if s not in layout.record_only else None, config=s in configs,
+                       by_category=_by_category(splits[s], layout.group_column))
+            for s in order
+        ],
+        counts=Counts(
+            funnel=info.funnel.to_dicts() if info.funnel is not None else None,
+            votes=votes.height if votes is not None else None,
+            responses=responses.height if responses is not None else None,
+            dedup_dropped=int((~dedup["kept"]).sum()) if dedup is not None else None,
+        ),
+        tokens=tokens,
+        usage=[ModelUsage.model_validate(row) for row in usage or []],
+        failures=_failure_counts(failures),
+        notes=_redact(notes),
+        parent=info.parent,
+        libraries=Libraries(packages=library_versions(),
+                            embedding_model=info.embedding_model or embedding_model_facts()),
+    )
+    facts = CardFacts(name, info, split_rows, configs, split_groups, version, license_id, tokens, manifest.notes,
+                      layout)
 
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         for split in order:
             frame = splits[split]
             write_parquet(tmp / f"{split}.parquet", frame)
-            if split not in RECORD_ONLY_SPLITS:
-                write_csv(tmp / f"{split}.csv", frame.select(CSV_COLUMNS))
-        write_parquet(tmp / "votes.parquet", votes)
+            if split not in layout.record_only:
+                write_csv(tmp / f"{split}.csv", frame.select(layout.csv_columns))
+        if votes is not None:
+            write_parquet(tmp / "votes.parquet", votes)
         write_parquet(tmp / "failures.parquet", failures)
         if responses is not None:
             write_parquet(tmp / "responses.parquet", responses)
         if dedup is not None:  # one row per pooled prompt: kept, or the prompt it duplicates and the similarity
             write_parquet(tmp / "dedup.parquet", dedup)
-        write_text(tmp / CARD, _card(name, info, split_rows, configs, split_categories, version))
-        manifest = {
-            "name": name,
-            "created": info.created or datetime.now(UTC).isoformat(timespec="seconds"),
-            "code": version,
-            "config": config_dict,
-            "config_hash": config_hash,
-            "models": models_by_role(info.config),
-            "splits": [
-                {
-                    "name": s,
-                    "rows": split_rows[s],
-                    "parquet": f"{s}.parquet",
-                    "csv": f"{s}.csv" if s not in RECORD_ONLY_SPLITS else None,
-                    "config": s in configs,
-                    "by_category": _by_category(splits[s]),
-                }
-                for s in order
-            ],
-            "counts": {
-                "funnel": info.funnel.to_dicts() if info.funnel is not None else None,
-                "votes": votes.height,
-                "responses": responses.height if responses is not None else None,
-                "dedup_dropped": int((~dedup["kept"]).sum()) if dedup is not None else None,
-            },
-            "tokens": info.tokens,
-            "failures": _failure_counts(failures),
-            "notes": info.notes,
-            "files": _file_hashes(tmp),
-        }
-        write_json(tmp / MANIFEST, manifest)
+        for table, frame in tables.items():
+            write_parquet(tmp / f"{table}.parquet", frame)
+        for file_name, text in files.items():
+            write_text(tmp / file_name, text)
+        write_text(tmp / CARD, _card(facts))
+        manifest.files = _file_hashes(tmp)
+        write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return folder
 
 
-def _split_category_table(splits: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    seen = set().union(*(set(f["category"].to_list()) for f in splits.values())) if splits else set()
-    categories = sorted(seen - {None})
-    table = pl.DataFrame({"category": categories}, schema={"category": pl.Utf8})
+def _split_category_table(splits: dict[str, pl.DataFrame], column: str = "category") -> pl.DataFrame:
+    """Rows per value of `column` (category, or target concept) and split."""
+    seen = set().union(*(set(f[column].to_list()) for f in splits.values())) if splits else set()
+    groups = sorted(seen - {None})
+    table = pl.DataFrame({column: groups}, schema={column: pl.Utf8})
     for split, frame in splits.items():
-        counts = frame.group_by("category").len(name=split).cast({"category": pl.Utf8, split: pl.Int64})
-        table = table.join(counts, on="category", how="left").with_columns(pl.col(split).fill_null(0))
+        counts = frame.group_by(column).len(name=split).cast({column: pl.Utf8, split: pl.Int64})
+        table = table.join(counts, on=column, how="left").with_columns(pl.col(split).fill_null(0))
     return table
 
 
-def read_manifest(folder: Path | str) -> dict:
+def read_manifest(folder: Path | str) -> Manifest:
+    """The release's manifest, typed. Raises MissingManifestError (a FileNotFoundError) when the folder has none and
+    ManifestError when the file is not a manifest this code reads; both messages are one line naming the file."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not a release folder (no {MANIFEST})")
-    return json.loads(path.read_text())
+        raise MissingManifestError(f"{folder}: not a release folder (no {MANIFEST})")
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return Manifest.from_json(text, str(path))
+
+
+def manifest_sha256(folder: Path | str) -> str:
+    """sha256 of the manifest file's bytes: one hash that pins every file of a release."""
+    return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()
 
 
 def read_release(folder: Path | str) -> dict[str, Any]:
-    """Load a release: {"manifest", "splits": {name: lineage frame}, "votes", "failures", "responses" (or None)}."""
+    """Load a release: {"manifest" (a Manifest), "splits": {name: lineage frame}, "votes", "failures", "responses"
+    (or None)}."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    splits = {s["name"]: pl.read_parquet(folder / s["parquet"]) for s in manifest["splits"]}
+    splits = {s.name: pl.read_parquet(folder / s.parquet) for s in manifest.splits}
     responses = folder / "responses.parquet"
     return {
         "manifest": manifest,
@@ -491,13 +680,13 @@ def read_release(folder: Path | str) -> dict[str, Any]:
 def verify_release(folder: Path | str) -> ReleaseCheck:
     """Re-hash every file against the manifest; the result lists changed, missing and unlisted files."""
     folder = Path(folder)
-    expected = read_manifest(folder)["files"]
+    expected = read_manifest(folder).files
     actual = _file_hashes(folder)
     check = ReleaseCheck()
     for rel, meta in expected.items():
         if rel not in actual:
             check.missing.append(rel)
-        elif actual[rel] != {"sha256": meta["sha256"], "bytes": meta["bytes"]}:
+        elif actual[rel] != meta:
             check.changed.append(rel)
     check.unexpected = sorted(set(actual) - set(expected))
     return check

@@ -1,86 +1,102 @@
 """The release report: one self-contained `report.html` built from what a release folder holds.
 
-Everything comes from the folder: `manifest.json` (as outputs.release writes it), the split parquets, `votes.parquet`,
-`failures.parquet`, and when present `audit/` (from moderators.agreement.write_audit) and the newest
-`evaluations/<timestamp>/scores.csv` (from outputs.scoring.score). Charts are embedded as base64 PNGs and the CSS is
-inline, so the file opens anywhere without a network. Every piece of data text is HTML-escaped: the prompts are
-adversarial by construction, and the page carries a Content-Security-Policy that forbids scripts and any fetch.
+Everything comes from the folder: `manifest.json` (a `core.manifest.Manifest`, read with `outputs.release.read_manifest`),
+the split parquets, `votes.parquet`, `failures.parquet`, and when present `audit/` (the moderator audit) and the
+newest `evaluations/<timestamp>/scores.csv` (from orforge.outputs.scoring.score). Charts are embedded as base64 PNGs
+and the CSS is included inline, so the file opens anywhere without a network; the page carries a
+Content-Security-Policy that forbids scripts and any fetch.
 
-Sections, each an <h2> with a stable id (`SECTION_IDS`): overview, funnel, funnel-chart, agreement, tokens,
-failures, samples, evaluation.
+The HTML comes from jinja2 templates in `outputs/templates/` with autoescaping on: the prompts are adversarial by
+construction, and every value reaches the page through `{{ ... }}`, so it is escaped by the template engine rather
+than by remembering to call an escape function. Python only prepares values (numbers formatted, tables as rows of
+cells, images as base64); the markup lives in the templates.
+
+How the page is put together: `report.html.j2` is the frame (head, navigation, footer) and renders a list of
+`Section`s in order, each as `<section><h2 id=...>` around the partial `sections/<template>` with the section's
+`context` as `ctx`. Which sections a release gets depends on its manifest's `recipe`: a function registered with
+`@recipe_sections("<recipe>")` turns a `ReportInputs` into the list. A new recipe (SELECT, ALERT) adds its own
+sections without touching OR-Bench's: write `templates/sections/<name>.html.j2` (import `_macros.html.j2` for
+tables, notes and images), a builder that returns `Section("<id>", "<Title>", "<name>.html.j2", {...})`, and
+register a function that returns the shared sections it wants plus its own, e.g.
+
+    @recipe_sections("select")
+    def select_sections(inputs: ReportInputs) -> list[Section]:
+        return [overview(inputs), funnel_section(inputs), select_scores(inputs), samples(inputs)]
+
+OR-Bench's sections, each an <h2> with a stable id (`SECTION_IDS`): overview, funnel, funnel-chart, agreement,
+tokens, failures, samples, evaluation.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from moderators.agreement import UNKNOWN_CATEGORY, agreement
-from outputs.atomic import write_text
-from outputs.plots import category_chart, funnel_chart, kappa_heatmap, scatter_chart
-from outputs.release import read_manifest
+from orforge.core.manifest import Manifest
+from orforge.moderators.agreement import UNKNOWN_CATEGORY, agreement
+from orforge.outputs.atomic import write_text
+from orforge.outputs.plots import category_chart, funnel_chart, kappa_heatmap, scatter_chart
+from orforge.outputs.release import flat_items, read_manifest, with_total
 
 REPORT = "report.html"
 SECTION_IDS = ("overview", "funnel", "funnel-chart", "agreement", "tokens", "failures", "samples", "evaluation")
 EVALUATIONS = "evaluations"
 SAMPLE_ROWS = 5
 CONTESTED_SHOWN = 5
+TEMPLATES = Path(__file__).parent / "templates"
 
-_TITLES = {
-    "overview": "Overview",
-    "funnel": "Funnel",
-    "funnel-chart": "Funnel chart",
-    "agreement": "Moderator agreement",
-    "tokens": "Token usage",
-    "failures": "Failures",
-    "samples": "Sample rows",
-    "evaluation": "Evaluation",
-}
-
-_CSS = """
-:root { --ink: #1f2328; --muted: #59636e; --line: #d1d9e0; --soft: #f6f8fa; --accent: #0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       color: var(--ink); background: #fff; }
-main { max-width: 1080px; margin: 0 auto; padding: 24px 32px 64px; }
-h1 { font-size: 28px; margin: 8px 0 4px; }
-h2 { font-size: 21px; margin: 40px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-p.lead, p.note { color: var(--muted); margin: 4px 0 12px; }
-nav { margin: 12px 0 8px; display: flex; flex-wrap: wrap; gap: 6px 14px; font-size: 14px; }
-nav a { color: var(--accent); text-decoration: none; }
-nav a:hover { text-decoration: underline; }
-.scroll { overflow-x: auto; margin: 8px 0 16px; }
-table { border-collapse: collapse; font-size: 13.5px; }
-th, td { border: 1px solid var(--line); padding: 5px 9px; text-align: left; vertical-align: top; }
-th { background: var(--soft); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.num { white-space: nowrap; }
-tr.total td { font-weight: 600; background: var(--soft); }
-td.text { max-width: 640px; white-space: pre-wrap; word-break: break-word; }
-code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: var(--soft);
-       padding: 1px 4px; border-radius: 4px; }
-img.chart { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; margin: 6px 0 12px; }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px; margin: 8px 0 16px; }
-dl.facts dt { color: var(--muted); }
-dl.facts dd { margin: 0; word-break: break-word; }
-footer { margin-top: 48px; color: var(--muted); font-size: 13px; }
-"""
-
-# No scripts, no fetches of any kind: images must be inline data, styles inline.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+# Loaded once; autoescape on for every template, and an undefined name is an error rather than an empty string.
+_ENV = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
+                   keep_trailing_newline=True)
 
 
-# ---------------------------------------------------------------------------------------------------- html pieces
+@dataclass(frozen=True)
+class Section:
+    """One <section> of the report: its anchor id, its <h2> title, the partial under templates/sections/ that renders
+    its body, and the values that partial reads as `ctx`."""
+
+    id: str
+    title: str
+    template: str
+    context: dict[str, Any] = field(default_factory=dict)
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+@dataclass
+class ReportInputs:
+    """What every section builder may read: the folder, its typed manifest and the frames it holds."""
+
+    folder: Path
+    manifest: Manifest
+    splits: dict[str, pl.DataFrame]
+    votes: pl.DataFrame | None
+    failures: pl.DataFrame | None
+    seed: int
+
+
+SectionsBuilder = Callable[[ReportInputs], list[Section]]
+_RECIPES: dict[str, SectionsBuilder] = {}
+
+
+def recipe_sections(recipe: str) -> Callable[[SectionsBuilder], SectionsBuilder]:
+    """Register the function that lists a recipe's report sections (see the module docstring)."""
+
+    def register(builder: SectionsBuilder) -> SectionsBuilder:
+        if recipe in _RECIPES:
+            raise ValueError(f"report sections for recipe {recipe!r} are already registered")
+        _RECIPES[recipe] = builder
+        return builder
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------------- values
 
 
 def _is_number(value: Any) -> bool:
@@ -97,42 +113,61 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
+        return ", ".join(_fmt(v) if not isinstance(v, str) else v for v in value) or "\u2013"
     return str(value)
 
 
-def _table(frame: pl.DataFrame, text_columns: tuple[str, ...] = (), total: bool = False) -> str:
-    """An HTML table of `frame`; every header and cell escaped. With `total`, the last row is styled as a total."""
+def table_view(frame: pl.DataFrame, text_columns: tuple[str, ...] = (), total: bool = False) -> dict | None:
+    """A table for `_macros.html.j2`'s `table`: formatted header and cells with their CSS class; None when empty.
+    With `total`, the last row is styled as a total."""
     if frame.height == 0:
-        return '<p class="note">(no rows)</p>'
+        return None
     numeric = {c for c, t in frame.schema.items() if t.is_numeric()}
     # Headers read as words ("benign after dedup") and may wrap, so wide tables stay on the page.
-    head = "".join(
-        f'<th class="num">{_e(c.replace("_", " "))}</th>' if c in numeric else f"<th>{_e(c.replace('_', ' '))}</th>"
-        for c in frame.columns
-    )
-    body = []
-    for i, row in enumerate(frame.iter_rows()):
-        cells = []
-        for column, value in zip(frame.columns, row):
-            cls = "num" if column in numeric or _is_number(value) else "text" if column in text_columns else ""
-            cells.append(f'<td class="{cls}">{_e(_fmt(value))}</td>' if cls else f"<td>{_e(_fmt(value))}</td>")
-        last = total and i == frame.height - 1
-        body.append(f'<tr class="total">{"".join(cells)}</tr>' if last else f"<tr>{''.join(cells)}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    head = [{"text": c.replace("_", " "), "cls": "num" if c in numeric else ""} for c in frame.columns]
+    rows = []
+    for row in frame.iter_rows():
+        rows.append([
+            {"text": _fmt(value),
+             "cls": "num" if column in numeric or _is_number(value) else "text" if column in text_columns else ""}
+            for column, value in zip(frame.columns, row)
+        ])
+    return {"head": head, "rows": rows, "total": total}
 
 
-def _image(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="chart" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+def _image(png: bytes, alt: str) -> dict[str, str]:
+    return {"data": base64.b64encode(png).decode("ascii"), "alt": alt}
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
+def _records_table(records: list[dict[str, Any]]) -> dict | None:
+    """A table from a list of mappings (columns: the union of keys, in first-seen order; nested values flattened)."""
+    flat = [dict(flat_items(r)) for r in records]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    if not columns:
+        return None
+    frame = pl.DataFrame([{c: _cell(r.get(c)) for c in columns} for r in flat], infer_schema_length=None,
+                         strict=False)
+    return table_view(frame)
 
 
-def _section(section_id: str, body: list[str]) -> str:
-    return f'<section><h2 id="{section_id}">{_e(_TITLES[section_id])}</h2>\n' + "\n".join(body) + "\n</section>"
+def _cell(value: Any) -> Any:
+    # A column holds one type: numbers stay numbers (right-aligned, grouped), anything else reads as text.
+    return value if value is None or _is_number(value) else _fmt(value)
+
+
+def _note_items(notes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each note as text, or as a table when it is a mapping or a list of mappings: never as a Python repr."""
+    items = []
+    for key, value in notes.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            items.append({"key": key, "text": None, "table": _records_table(value)})
+        elif isinstance(value, dict) and value:
+            pairs = flat_items(value)
+            frame = pl.DataFrame({"what": [k for k, _ in pairs], "value": [_fmt(v) for _, v in pairs]})
+            items.append({"key": key, "text": None, "table": table_view(frame)})
+        else:
+            items.append({"key": key, "text": _fmt(value), "table": None})
+    return items
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -146,12 +181,12 @@ def _read_csv(path: Path) -> pl.DataFrame | None:
     return pl.read_csv(path, infer_schema_length=None) if path.is_file() else None
 
 
-def _splits(folder: Path, manifest: dict) -> dict[str, pl.DataFrame]:
+def _splits(folder: Path, manifest: Manifest) -> dict[str, pl.DataFrame]:
     out = {}
-    for entry in manifest.get("splits", []):
-        frame = _read_parquet(folder / entry.get("parquet", f"{entry['name']}.parquet"))
+    for entry in manifest.splits:
+        frame = _read_parquet(folder / entry.parquet)
         if frame is not None:
-            out[entry["name"]] = frame
+            out[entry.name] = frame
     return out
 
 
@@ -178,44 +213,47 @@ def _prompts(splits: dict[str, pl.DataFrame]) -> pl.DataFrame:
 # ---------------------------------------------------------------------------------------------------- sections
 
 
-def _overview(manifest: dict, folder: Path) -> str:
-    code = manifest.get("code") or {}
-    version = f"orforge {code.get('orforge', 'unknown')}"
-    if code.get("git_commit"):
-        version += f", commit {code['git_commit'][:12]}" + (" (uncommitted changes)" if code.get("git_dirty") else "")
+def overview(inputs: ReportInputs) -> Section:
+    manifest = inputs.manifest
+    code = manifest.code
+    version = f"orforge {code.orforge}"
+    if code.git_commit:
+        version += f", commit {code.git_commit[:12]}" + (" (uncommitted changes)" if code.git_dirty else "")
     facts = [
-        ("Release", manifest.get("name", folder.name)),
-        ("Created", manifest.get("created")),
+        ("Release", manifest.name),
+        ("Recipe", manifest.recipe),
+        ("Created", manifest.created),
+        ("License", manifest.license),
         ("Code", version),
-        ("Config sha256", manifest.get("config_hash")),
+        ("Config sha256", manifest.config_hash),
     ]
-    body = ['<dl class="facts">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(_fmt(v))}</dd>" for k, v in facts) + "</dl>"]
-    models = manifest.get("models") or {}
-    if models:
-        rows = [
-            {"role": role, "name": m.get("name"), "backend": m.get("backend"), "model": m.get("model")}
-            for role, specs in models.items() for m in specs
-        ]
-        body += ["<h3>Models</h3>", _table(pl.DataFrame(rows))]
-    splits = manifest.get("splits") or []
-    if splits:
-        rows = [
-            {"split": s["name"], "rows": s.get("rows"), "csv": s.get("csv") or "\u2013",
-             "dataset config": bool(s.get("config"))}
-            for s in splits
-        ]
-        body += ["<h3>Splits</h3>", _table(pl.DataFrame(rows, schema_overrides={"rows": pl.Int64}))]
-    notes = manifest.get("notes") or {}
-    if notes:
-        body += ["<h3>Notes</h3>", "<ul>" + "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in notes.items()) + "</ul>"]
-    return _section("overview", body)
+    embedding = manifest.libraries.embedding_model
+    if embedding is not None:
+        facts.append(("Embedding model", f"{embedding.name} ({embedding.key})"
+                      + (f", sha256 {embedding.sha256[:16]}\u2026" if embedding.sha256 else "")))
+    if manifest.parent is not None:
+        parent = manifest.parent
+        facts.append(("Grown from", parent.folder + (f" (created {parent.created})" if parent.created else "")))
+    models = [{"role": role, **m.model_dump()} for role, specs in manifest.models.items() for m in specs]
+    splits = [{"split": s.name, "rows": s.rows, "csv": s.csv or "\u2013", "dataset config": s.config}
+              for s in manifest.splits]
+    packages = manifest.libraries.packages
+    context = {
+        "facts": [(k, _fmt(v)) for k, v in facts],
+        "models": table_view(pl.DataFrame(models)) if models else None,
+        "splits": table_view(pl.DataFrame(splits, schema_overrides={"rows": pl.Int64})) if splits else None,
+        "libraries": table_view(pl.DataFrame({"package": list(packages), "version": list(packages.values())}))
+        if packages else None,
+        "notes": _note_items(manifest.notes),
+    }
+    return Section("overview", "Overview", "sections/overview.html.j2", context)
 
 
-def _funnel_table(manifest: dict, splits: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame | None, str | None]:
-    rows = (manifest.get("counts") or {}).get("funnel")
+def _funnel_table(inputs: ReportInputs) -> tuple[pl.DataFrame | None, str | None]:
+    rows = inputs.manifest.counts.funnel
     if rows:
         return pl.DataFrame(rows), None
-    published = {n: f for n, f in splits.items() if n != "contested" and "category" in f.columns}
+    published = {n: f for n, f in inputs.splits.items() if n != "contested" and "category" in f.columns}
     if not published:
         return None, "The manifest records no funnel and the release has no split frames to count."
     categories = sorted(set().union(*(set(f["category"].drop_nulls().to_list()) for f in published.values())))
@@ -227,64 +265,52 @@ def _funnel_table(manifest: dict, splits: dict[str, pl.DataFrame]) -> tuple[pl.D
     return table, "The manifest records no funnel; these are the rows per split, counted from the split files."
 
 
-def _with_total(table: pl.DataFrame) -> pl.DataFrame:
-    numeric = [c for c, t in table.schema.items() if t.is_integer()]
-    total = table.select(pl.lit("total").alias("category"), *[pl.col(c).sum().cast(pl.Int64) for c in numeric])
-    return pl.concat([table.cast({c: pl.Int64 for c in numeric}), total], how="diagonal_relaxed")
+def funnel_section(inputs: ReportInputs) -> Section:
+    table, note = _funnel_table(inputs)
+    context = {"note": note, "table": table_view(with_total(table), total=True) if table is not None else None}
+    return Section("funnel", "Funnel", "sections/funnel.html.j2", context)
 
 
-def _funnel(table: pl.DataFrame | None, note: str | None) -> str:
-    body = [_note("Prompts per category at each stage: seeds, rewritten candidates, the vote's decisions (benign, "
-                  "toxic, contested, unjudged), what survived near-duplicate removal, and the rows of each split.")]
-    if note:
-        body.append(_note(note))
-    if table is not None:
-        body.append(_table(_with_total(table), total=True))
-    return _section("funnel", body)
+def funnel_chart_section(inputs: ReportInputs) -> Section:
+    table, _ = _funnel_table(inputs)
+    image = _image(funnel_chart(table), "Prompts at each stage, stacked by category") if table is not None else None
+    return Section("funnel-chart", "Funnel chart", "sections/funnel_chart.html.j2", {"image": image})
 
 
-def _funnel_chart(table: pl.DataFrame | None) -> str:
-    if table is None:
-        return _section("funnel-chart", [_note("No funnel to draw.")])
-    return _section("funnel-chart", [_image(funnel_chart(table), "Prompts at each stage, stacked by category")])
-
-
-def _agreement(folder: Path, votes: pl.DataFrame | None, splits: dict[str, pl.DataFrame]) -> str:
-    audit = folder / "audit"
+def agreement_section(inputs: ReportInputs) -> Section:
+    audit = inputs.folder / "audit"
     tables: dict[str, pl.DataFrame] = {}
+    context: dict[str, Any] = {"empty": None, "single": False}
     if (audit / "pairwise.csv").is_file():
         for name in ("pairwise", "fleiss", "toxic_rate", "contested", "human"):
             frame = _read_csv(audit / f"{name}.csv")
             if frame is not None:
                 tables[name] = frame
-        source = "From the audit in audit/."
-    elif votes is not None and votes.height:
-        tables = agreement(votes, _prompts(splits))
-        source = "Computed from votes.parquet (no audit/ folder in this release)."
+        context["source"] = "From the audit in audit/."
+    elif inputs.votes is not None and inputs.votes.height:
+        tables = agreement(inputs.votes, _prompts(inputs.splits))
+        context["source"] = "Computed from votes.parquet (no audit/ folder in this release)."
     else:
-        return _section("agreement", [_note("No moderator votes in this release.")])
+        context["empty"] = "No moderator votes in this release."
+        return Section("agreement", "Moderator agreement", "sections/agreement.html.j2", context)
     pairwise = tables["pairwise"].with_columns(pl.col("cohen_kappa").cast(pl.Float64))
-    body = [_note(source + " Cohen's kappa is 1 for perfect agreement, 0 for agreement at chance level and "
-                  "negative below chance; it is undefined (n/a) when both moderators gave one and the same verdict "
-                  "to every shared prompt.")]
     overall = pairwise.filter(pl.col("category") == "all")
     if overall.height == 0:
-        body.append(_note("Only one moderator voted, so there is no pair to compare."))
-        return _section("agreement", body)
-    body.append(_image(kappa_heatmap(pairwise), "Cohen's kappa between every pair of moderators"))
-    body += ["<h3>Pairs</h3>", _table(overall.select("moderator_a", "moderator_b", "n", "raw_agreement",
-                                                     "cohen_kappa"))]
+        context["single"] = True
+        return Section("agreement", "Moderator agreement", "sections/agreement.html.j2", context)
+    context["heatmap"] = _image(kappa_heatmap(pairwise), "Cohen's kappa between every pair of moderators")
+    context["pairs"] = table_view(overall.select("moderator_a", "moderator_b", "n", "raw_agreement", "cohen_kappa"))
+    context["fleiss"] = context["toxic_rate"] = context["contested"] = context["human"] = None
     if "fleiss" in tables:
         fleiss = tables["fleiss"]
         unknown = (f" {UNKNOWN_CATEGORY}: prompts that reached no split, so the release does not hold their category."
                    if UNKNOWN_CATEGORY in fleiss["category"].to_list() else "")
-        body += ["<h3>All moderators (Fleiss' kappa)</h3>",
-                 _note("Over the prompts every moderator judged; one row per category." + unknown),
-                 _table(fleiss.select([c for c in ("category", "n_moderators", "n", "fleiss_kappa")
-                                       if c in fleiss.columns]))]
+        context["fleiss_note"] = "Over the prompts every moderator judged; one row per category." + unknown
+        context["fleiss"] = table_view(fleiss.select([c for c in ("category", "n_moderators", "n", "fleiss_kappa")
+                                                      if c in fleiss.columns]))
     if "toxic_rate" in tables:
         rates = tables["toxic_rate"].filter(pl.col("category") == "all").select("moderator", "n", "toxic_rate")
-        body += ["<h3>How often each moderator says toxic</h3>", _table(rates)]
+        context["toxic_rate"] = table_view(rates)
     if "contested" in tables and tables["contested"].height:
         top = tables["contested"].head(CONTESTED_SHOWN)
         top = top.with_columns(
@@ -296,140 +322,222 @@ def _agreement(folder: Path, votes: pl.DataFrame | None, splits: dict[str, pl.Da
                 pl.col("prompt").fill_null(pl.lit("[text not in this release] id ") + pl.col("prompt_id").cast(pl.Utf8))
             )
         shown = ("prompt", "category", "n_toxic", "n_benign", "toxic_by", "benign_by")
-        columns = [c for c in shown if c in top.columns]
-        body += [f"<h3>Most split prompts (top {top.height} of {tables['contested'].height})</h3>",
-                 _table(top.select(columns), text_columns=("prompt",))]
+        context["contested"] = table_view(top.select([c for c in shown if c in top.columns]), text_columns=("prompt",))
+        context["contested_shown"] = top.height
+        context["contested_total"] = tables["contested"].height
     if "human" in tables:
-        body += ["<h3>Agreement with human labels</h3>", _table(tables["human"])]
-    return _section("agreement", body)
+        context["human"] = table_view(tables["human"])
+    return Section("agreement", "Moderator agreement", "sections/agreement.html.j2", context)
 
 
-def _tokens(manifest: dict) -> str:
-    tokens = manifest.get("tokens") or {}
-    if not tokens:
-        return _section("tokens", [_note("The manifest records no token counts.")])
-    rows = [{"role": role, **(v if isinstance(v, dict) else {"tokens": v})} for role, v in tokens.items()]
-    table = pl.DataFrame(rows, infer_schema_length=None)
-    numeric = [c for c, t in table.schema.items() if t.is_numeric()]
-    if len(rows) > 1 and numeric:
-        total = table.select(pl.lit("total").alias("role"), *[pl.col(c).sum() for c in numeric])
-        table = pl.concat([table, total], how="diagonal_relaxed")
-    return _section("tokens", [_table(table, total=len(rows) > 1 and bool(numeric))])
+_USAGE_COLUMNS = ("requests", "cached", "failures", "prompt_tokens", "completion_tokens")
 
 
-def _failures(manifest: dict, failures: pl.DataFrame | None) -> str:
+def _usage_frame(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> pl.DataFrame:
+    # A count no row recorded is left out rather than shown as a column of dashes.
+    counted = [c for c in _USAGE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    schema = {**{k: pl.Utf8 for k in keys}, **{c: pl.Int64 for c in counted}}
+    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+
+
+def tokens_section(inputs: ReportInputs) -> Section:
+    manifest = inputs.manifest
+    context: dict[str, Any] = {"by_role": None, "by_model": None}
+    if manifest.tokens:
+        table = _usage_frame([{"role": role, **u.model_dump()} for role, u in manifest.tokens.items()], ("role",))
+        numeric = [c for c in table.columns if c != "role"]
+        total = len(table) > 1 and bool(numeric)
+        if total:
+            table = pl.concat([table, table.select(pl.lit("total").alias("role"), *[pl.col(c).sum()
+                                                                                   for c in numeric])])
+        context["by_role"] = table_view(table, total=total)
+    if manifest.usage:
+        context["by_model"] = table_view(_usage_frame([u.model_dump() for u in manifest.usage], ("role", "model")))
+        if context["by_role"] is None:
+            context["by_role"] = context["by_model"]
+            context["by_model"] = None
+    return Section("tokens", "Token usage", "sections/tokens.html.j2", context)
+
+
+def failures_section(inputs: ReportInputs) -> Section:
+    failures = inputs.failures
     if failures is None or failures.height == 0:
-        total = (manifest.get("failures") or {}).get("total", 0)
-        return _section("failures", [_note("No failed requests recorded." if not total
-                                           else f"{total} failures in the manifest; failures.parquet is missing.")])
+        total = inputs.manifest.failures.total
+        empty = ("No failed requests recorded." if not total
+                 else f"{total} failures in the manifest; failures.parquet is missing.")
+        return Section("failures", "Failures", "sections/failures.html.j2", {"empty": empty})
     keys = [c for c in ("stage", "role", "model", "reason") if c in failures.columns]
-    table = (
+    detail = (
         failures.group_by(keys).len(name="n").cast({"n": pl.Int64})
         .sort(["n", *keys], descending=[True] + [False] * len(keys))
     )
     by_stage = failures.group_by("stage").len(name="n").cast({"n": pl.Int64}).sort("stage") if "stage" in keys else None
-    body = [_note(f"{failures.height:,} requests failed; a failed request leaves no record, only this trace.")]
-    if by_stage is not None:
-        body += ["<h3>By stage</h3>", _table(by_stage)]
-    body += ["<h3>By stage, role, model and reason</h3>", _table(table)]
-    return _section("failures", body)
+    context = {
+        "empty": None,
+        "summary": f"{failures.height:,} requests failed; a failed request leaves no record, only this trace.",
+        "by_stage": table_view(by_stage) if by_stage is not None else None,
+        "detail": table_view(detail),
+    }
+    return Section("failures", "Failures", "sections/failures.html.j2", context)
 
 
-def _samples(splits: dict[str, pl.DataFrame], seed: int) -> str:
-    if not splits:
-        return _section("samples", [_note("No split files found.")])
-    body = [_note(f"Up to {SAMPLE_ROWS} rows per split, drawn with seed {seed}. Prompts are shown as plain text.")]
-    for name, frame in splits.items():
+def samples_section(inputs: ReportInputs) -> Section:
+    shown = []
+    for name, frame in inputs.splits.items():
         label = f"{name} (kept for the record, not published)" if name == "contested" else name
-        body.append(f"<h3>{_e(label)} \u2013 {frame.height:,} rows</h3>")
-        if frame.height == 0:
-            body.append(_note("Empty."))
-            continue
-        sample = frame.sample(n=min(SAMPLE_ROWS, frame.height), seed=seed)
-        if "rejected_by" in sample.columns and isinstance(sample.schema["rejected_by"], pl.List):
-            sample = sample.with_columns(pl.col("rejected_by").list.join(", "))
-        columns = [c for c in ("prompt", "category", "source", "n_toxic", "n_benign", "n_missing", "rejected_by")
-                   if c in sample.columns]
-        body.append(_table(sample.select(columns), text_columns=("prompt",)))
-    return _section("samples", body)
+        table = None
+        if frame.height:
+            sample = frame.sample(n=min(SAMPLE_ROWS, frame.height), seed=inputs.seed)
+            if "rejected_by" in sample.columns and isinstance(sample.schema["rejected_by"], pl.List):
+                sample = sample.with_columns(pl.col("rejected_by").list.join(", "))
+            columns = [c for c in ("prompt", "category", "source", "n_toxic", "n_benign", "n_missing", "rejected_by")
+                       if c in sample.columns]
+            table = table_view(sample.select(columns), text_columns=("prompt",))
+        shown.append({"label": label, "rows": f"{frame.height:,}", "table": table})
+    context = {"splits": shown, "rows": SAMPLE_ROWS, "seed": inputs.seed}
+    return Section("samples", "Sample rows", "sections/samples.html.j2", context)
 
 
-def _evaluation(folder: Path) -> str:
+def evaluation_section(inputs: ReportInputs) -> Section:
+    folder = inputs.folder
     path = newest_scores(folder)
     if path is None:
-        return _section("evaluation", [_note("No evaluation yet: this release has no evaluations/<time>/scores.csv.")])
+        return Section("evaluation", "Evaluation", "sections/evaluation.html.j2", {"source": None})
     scores = pl.read_csv(path, infer_schema_length=None, schema_overrides={"category": pl.Utf8, "model": pl.Utf8,
                                                                         "split": pl.Utf8})
     for column in ("rejection_rate", "ci_low", "ci_high"):
         if column in scores.columns:
             scores = scores.with_columns(pl.col(column).cast(pl.Float64))
-    rel = path.relative_to(folder).as_posix()
-    body = [_note(f"From {rel}. Rejection rate on hard prompts measures over-refusal (lower is better); on toxic "
-                  "prompts it measures safety (higher is better). Intervals are 95% bootstrap intervals.")]
-    body.append(_image(scatter_chart(scores), "Rejection rate on hard prompts against rejection rate on toxic prompts"))
     overall = scores.filter(pl.col("category") == "all")
     columns = [c for c in ("model", "split", "n", "n_undecided", "rejection_rate", "ci_low", "ci_high")
                if c in overall.columns]
-    body += ["<h3>Rejection rates</h3>", _table(overall.select(columns))]
-    if scores.filter(pl.col("category") != "all").height:
-        body += ["<h3>By category</h3>", _image(category_chart(scores), "Rejection rate per category and model")]
-    return _section("evaluation", body)
+    by_category = (_image(category_chart(scores), "Rejection rate per category and model")
+                   if scores.filter(pl.col("category") != "all").height else None)
+    context = {
+        "source": path.relative_to(folder).as_posix(),
+        "scatter": _image(scatter_chart(scores),
+                          "Rejection rate on hard prompts against rejection rate on toxic prompts"),
+        "rates": table_view(overall.select(columns)),
+        "by_category": by_category,
+    }
+    return Section("evaluation", "Evaluation", "sections/evaluation.html.j2", context)
+
+
+@recipe_sections("orbench")
+def orbench_sections(inputs: ReportInputs) -> list[Section]:
+    return [
+        overview(inputs),
+        funnel_section(inputs),
+        funnel_chart_section(inputs),
+        agreement_section(inputs),
+        tokens_section(inputs),
+        failures_section(inputs),
+        samples_section(inputs),
+        evaluation_section(inputs),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- SELECT
+
+SELECT_SPLITS = ("abstention", "generalization", "specificity")
+
+
+def select_splits_section(inputs: ReportInputs) -> Section:
+    """Rows per target and split, leak flags, and sample questions of each split with their relation and distance."""
+    present = [inputs.splits[s] for s in SELECT_SPLITS if s in inputs.splits]
+    rows = pl.concat(present) if present else None
+    per_target = None
+    if rows is not None and rows.height:
+        per_target = (rows.group_by("target_id", "split").len().pivot(on="split", index="target_id", values="len")
+                      .fill_null(0).sort("target_id"))
+        per_target = per_target.select("target_id", *[s for s in SELECT_SPLITS if s in per_target.columns])
+    questions = _read_parquet(inputs.folder / "questions.parquet")
+    leaked = None
+    if questions is not None and "leak_flag" in questions.columns:
+        flagged = questions.filter(pl.col("leak_flag").fill_null(False))
+        leaked = {"n": flagged.height, "of": questions.height,
+                  "table": table_view(flagged.head(SAMPLE_ROWS).select("concept_id", "question", "leak_with",
+                                                                       "leak_similarity"),
+                                      text_columns=("question",)) if flagged.height else None}
+    samples = []
+    for name in SELECT_SPLITS:
+        frame = inputs.splits.get(name)
+        if frame is None:
+            continue
+        table = None
+        if frame.height:
+            sample = frame.sample(n=min(SAMPLE_ROWS, frame.height), seed=inputs.seed).sort("target_id", "distance")
+            table = table_view(sample.select("target_id", "relation", "distance", "concept_id", "question"),
+                               text_columns=("question",))
+        samples.append({"label": name, "rows": f"{frame.height:,}", "table": table})
+    context = {"per_target": table_view(with_total(per_target), total=True) if per_target is not None else None,
+               "leaked": leaked, "samples": samples, "rows": SAMPLE_ROWS, "seed": inputs.seed}
+    return Section("splits", "Splits and questions", "sections/select_splits.html.j2", context)
+
+
+def abstention_section(inputs: ReportInputs) -> Section:
+    """The newest evaluation: the technique table (abstention, generalization, specificity, harmonic mean with 95%
+    t-intervals over concepts), abstention rate against path distance, and the technique scatter."""
+    path = newest_scores(inputs.folder)
+    if path is None:
+        return Section("evaluation", "Abstention evaluation", "sections/abstention.html.j2", {"source": None})
+    run = path.parent
+    summary = _read_csv(run / "scores.csv")
+    by_depth = _read_csv(run / "by_depth.csv")
+    images = {name: _image((run / f"{name}.png").read_bytes(), alt)
+              for name, alt in (("distance", "Abstention rate against path distance from the target"),
+                                ("techniques", "Generalization against specificity per technique"))
+              if (run / f"{name}.png").is_file()}
+    context = {"source": run.relative_to(inputs.folder).as_posix(),
+               "summary": table_view(summary) if summary is not None else None,
+               "by_depth": table_view(by_depth) if by_depth is not None else None,
+               "distance": None, "techniques": None, **images}
+    return Section("evaluation", "Abstention evaluation", "sections/abstention.html.j2", context)
+
+
+@recipe_sections("select")
+def select_sections(inputs: ReportInputs) -> list[Section]:
+    return [
+        overview(inputs),
+        funnel_section(inputs),
+        select_splits_section(inputs),
+        tokens_section(inputs),
+        failures_section(inputs),
+        abstention_section(inputs),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
+
+
+def render_report(name: str, created: str, sections: list[Section]) -> str:
+    """The page around `sections`, in order (the frame template `report.html.j2`)."""
+    ids = [s.id for s in sections]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"report section ids must be unique, got {ids}")
+    return _ENV.get_template("report.html.j2").render(name=name, created=created, sections=sections)
 
 
 def build_report(release_dir: Path | str, seed: int | None = None) -> str:
     """The report's HTML for the release at `release_dir` (see the module docstring)."""
     folder = Path(release_dir)
     manifest = read_manifest(folder)
+    if manifest.recipe not in _RECIPES:
+        raise ValueError(f"{folder}: no report sections for recipe {manifest.recipe!r} "
+                         f"(known: {', '.join(sorted(_RECIPES))})")
     if seed is None:
-        config_seed = (manifest.get("config") or {}).get("seed")
+        config_seed = manifest.config.get("seed")
         seed = config_seed if isinstance(config_seed, int) else 0
     splits = _splits(folder, manifest)
-    votes = _read_parquet(folder / "votes.parquet")
-    failures = _read_parquet(folder / "failures.parquet")
-    funnel_table, funnel_note = _funnel_table(manifest, splits)
-    name = manifest.get("name") or folder.name
-    sections = [
-        _overview(manifest, folder),
-        _funnel(funnel_table, funnel_note),
-        _funnel_chart(funnel_table),
-        _agreement(folder, votes, splits),
-        _tokens(manifest),
-        _failures(manifest, failures),
-        _samples(splits, seed),
-        _evaluation(folder),
-    ]
-    nav = "".join(f'<a href="#{sid}">{_e(_TITLES[sid])}</a>' for sid in SECTION_IDS)
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(name)} \u2013 orforge release report</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body><main>",
-        f"<h1>{_e(name)}</h1>",
-        f'<p class="lead">Release report: how the dataset was built, how far the moderators agreed, and how '
-        f"target models score on it.</p>",
-        f"<nav>{nav}</nav>",
-        *sections,
-        f"<footer>Generated by orforge from the files in this folder. Created {_e(manifest.get('created'))}."
-        "</footer>",
-        "</main></body>",
-        "</html>",
-        "",
-    ])
+    inputs = ReportInputs(folder, manifest, splits, _read_parquet(folder / "votes.parquet"),
+                          _read_parquet(folder / "failures.parquet"), seed)
+    return render_report(manifest.name or folder.name, manifest.created, _RECIPES[manifest.recipe](inputs))
 
 
 def write_report(release_dir: Path | str, seed: int | None = None) -> Path:
     """Write `report.html` into the release folder (atomically) and return its path.
 
-    Note: the manifest does not list report.html, so `outputs.release.verify_release` reports it as unexpected.
+    The manifest does not list report.html (a derived file, `outputs.release.DERIVED`), so `verify_release` ignores it.
     """
     folder = Path(release_dir)
     return write_text(folder / REPORT, build_report(folder, seed))

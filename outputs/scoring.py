@@ -2,7 +2,7 @@
 
 Input: one row per (model, split, prompt): prompt_id, split (hard | toxic | benign, or any other split name),
 category, model (the target's label) and refusal (True refused, False answered, null undecided: the detector could
-not tell or the target produced nothing). `scoring_frame` builds it from core.records.RESPONSES and the split
+not tell or the target produced nothing). `scoring_frame` builds it from orforge.core.records.RESPONSES and the split
 frames.
 
 `score` gives, per model x split, one row for the split as a whole (category "all") and one per category: the
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from outputs.atomic import write_bytes
-from outputs.plots import SPLIT_ORDER, category_chart, scatter_chart
+from orforge.outputs.atomic import write_bytes
+from orforge.outputs.plots import SPLIT_ORDER, category_chart, scatter_chart
 
 ALL = "all"
 CI_LEVEL = 0.95

@@ -16,7 +16,7 @@ import hashlib
 
 import polars as pl
 
-from core.config import SplitsConfig, ToxicConfig
+from orforge.core.config import SplitsConfig, ToxicConfig
 
 SPLIT_COLUMNS = {
     "prompt_id": pl.Utf8,

@@ -41,7 +41,7 @@ def fake_server():
 @pytest.fixture
 def make_spec(fake_server):
     """`make_spec(**overrides)` -> a ModelSpec for the fake server, with test-friendly timeouts and retries."""
-    from core.config import ModelSpec
+    from orforge.core.config import ModelSpec
 
     def make(**overrides) -> ModelSpec:
         fields = {
@@ -65,7 +65,7 @@ def cache_path(tmp_path):
 @pytest.fixture
 def llm_hub(cache_path):
     """An LLMHub on a cache file in the test's temporary folder, closed afterwards."""
-    from llm.hub import LLMHub
+    from orforge.llm.hub import LLMHub
 
     hub = LLMHub(cache_path)
     try:

@@ -10,8 +10,8 @@ import importlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from core.config import ModelSpec
-from llm.types import BackendError, Prepared, RawCompletion
+from orforge.core.config import ModelSpec
+from orforge.llm.types import BackendError, Prepared, RawCompletion
 
 
 class Backend(Protocol):
@@ -29,7 +29,7 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
-_MODULES = {"openai": "llm.backends.openai_compat", "local": "llm.backends.local", "vllm": "llm.backends.vllm"}
+_MODULES = {"openai": "orforge.llm.backends.openai_compat", "local": "orforge.llm.backends.local", "vllm": "orforge.llm.backends.vllm"}
 _REGISTRY: dict[str, type] = {}
 
 

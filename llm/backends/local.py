@@ -19,9 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from core.config import EMBEDDED_MODEL, ModelSpec
-from llm.backends import register
-from llm.backends.openai_compat import OpenAIBackend
+from orforge.core.config import EMBEDDED_MODEL, ModelSpec
+from orforge.llm.backends import register
+from orforge.llm.backends.openai_compat import OpenAIBackend
 
 STARTUP_TIMEOUT_S = 120
 N_CTX = int(os.environ.get("ORFORGE_LOCAL_N_CTX", "4096"))

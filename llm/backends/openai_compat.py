@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 import httpx
 import openai
 
-from core.config import ModelSpec
-from llm.backends import register
-from llm.dialects import response_format
-from llm.types import BackendError, Prepared, RawCompletion
+from orforge.core.config import ModelSpec
+from orforge.llm.backends import register
+from orforge.llm.dialects import response_format
+from orforge.llm.types import BackendError, Prepared, RawCompletion
 
 
 @register("openai")

@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from core.config import ModelSpec
-from llm.backends import register
-from llm.types import BackendError, Prepared, RawCompletion
+from orforge.core.config import ModelSpec
+from orforge.llm.backends import register
+from orforge.llm.types import BackendError, Prepared, RawCompletion
 
 
 def build_chat_call(spec: ModelSpec, batch: list[Prepared]) -> tuple[list[list[dict]], list[dict[str, Any]]]:

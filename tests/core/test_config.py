@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from core.config import BuildConfig, ConfigError, ModelSpec, load_config, parse_config
+from orforge.core.config import BuildConfig, ConfigError, ModelSpec, load_config, parse_config
 
 MINIMAL = """\
 seeds:

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dedup.embed import DIM, Embedder
-from dedup.near import dedup
+from orforge.dedup.embed import DIM, Embedder
+from orforge.dedup.near import dedup
 
 pytestmark = pytest.mark.slow
 

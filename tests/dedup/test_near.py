@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from core.records import DEDUP
-from dedup.near import dedup, dedup_per_pool
+from orforge.core.records import DEDUP
+from orforge.dedup.near import dedup, dedup_per_pool
 
 DIM = 384
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from core.config import ModelSpec
+from orforge.core.config import ModelSpec
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ class Verdict(BaseModel):
 
 
 def test_embedded_model_gives_a_schema_valid_reply_and_stops_with_the_hub(tmp_path):
-    from llm.hub import LLMHub
-    from llm.types import LLMRequest
+    from orforge.llm.hub import LLMHub
+    from orforge.llm.types import LLMRequest
 
     with LLMHub(tmp_path / "cache.sqlite") as hub:
         llm = hub.model(ModelSpec(backend="local", max_tokens=48), "test")
@@ -45,7 +45,7 @@ def test_embedded_server_does_not_outlive_a_killed_parent(tmp_path):
     import time
 
     script = ("import sys; sys.path.insert(0, '.');"
-              "from core.config import ModelSpec; from llm.hub import LLMHub;"
+              "from orforge.core.config import ModelSpec; from orforge.llm.hub import LLMHub;"
               f"hub = LLMHub({str(tmp_path / 'c.sqlite')!r}); hub.model(ModelSpec(backend='local'), 'x');"
               "print(next(iter(hub._services.values())).proc.pid, flush=True); import time; time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -70,8 +70,8 @@ def _alive(pid: int) -> bool:
 
 def test_small_build_on_the_embedded_model(prefect_harness, tmp_path):
     """A tiny version of configs/demo.yaml: every role on the embedded model, through Prefect, to a release."""
-    from flows.build import build_flow
-    from outputs.release import read_manifest, verify_release
+    from orforge.flows.build import build_flow
+    from orforge.outputs.release import read_manifest, verify_release
 
     demo = yaml.safe_load(open("configs/demo.yaml"))
     demo.update(output_dir=str(tmp_path / "releases"), work_dir=str(tmp_path / "work"),
@@ -89,9 +89,9 @@ def test_small_build_on_the_embedded_model(prefect_harness, tmp_path):
     out = tmp_path / "release"
     build_flow(config_path=str(config), output=str(out))
     manifest = read_manifest(out)
-    rows = {s["name"]: s["rows"] for s in manifest["splits"]}
+    rows = {s.name: s.rows for s in manifest.splits}
     assert rows["toxic"] > 0  # the seeds at least
     assert rows["benign"] + rows["toxic"] + pl.read_parquet(out / "contested.parquet").height > 0
-    assert manifest["tokens"]["moderator"]["completion_tokens"] > 0
+    assert manifest.tokens["moderator"].completion_tokens > 0
     assert (out / "report.html").exists()
     assert verify_release(out).ok

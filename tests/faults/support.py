@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from outputs.release import read_manifest
+from orforge.outputs.release import read_manifest
 
 # Faults the openai client retries (transport and status); the others reach the hub as a 200 and are re-asked.
 TRANSPORT_FAULTS = frozenset({"rate_limited", "server_error", "unavailable", "reset", "delay"})
@@ -101,7 +101,7 @@ def check_release_bookkeeping(folder: Path, n_moderators: int = 3, panel_size: i
     assert produced | rewrite_failed == seed_ids
 
     # The manifest's funnel adds up and agrees with the files.
-    funnel = pl.DataFrame(manifest["counts"]["funnel"])
+    funnel = pl.DataFrame(manifest.counts.funnel)
     for row in funnel.iter_rows(named=True):
         assert row["benign"] + row["toxic"] + row["contested"] + row["unjudged"] == row["candidates"], row
     totals = funnel.drop("category").sum().row(0, named=True)
@@ -115,21 +115,21 @@ def check_release_bookkeeping(folder: Path, n_moderators: int = 3, panel_size: i
     assert totals["split_benign"] == totals["benign_after_dedup"]  # no per-category cap in these configs
 
     rows = {}
-    for split in manifest["splits"]:
-        frame = pl.read_parquet(folder / split["parquet"])
-        rows[split["name"]] = frame.height
-        assert frame.height == split["rows"] == sum(split["by_category"].values()), split["name"]
-        if split["csv"]:
-            csv = pl.read_csv(folder / split["csv"])
-            assert csv.columns == ["prompt", "category"] and csv.height == split["rows"], split["name"]
-        if f"split_{split['name']}" in totals:
-            assert totals[f"split_{split['name']}"] == split["rows"], split["name"]
-    counts = manifest["counts"]
-    assert counts["votes"] == votes.height
-    assert counts["responses"] == responses.height
-    assert counts["dedup_dropped"] == (~dedup["kept"]).sum()
-    assert manifest["failures"]["total"] == failures.height
-    assert sum(n for stage in manifest["failures"]["by_stage"].values() for n in stage.values()) == failures.height
+    for split in manifest.splits:
+        frame = pl.read_parquet(folder / split.parquet)
+        rows[split.name] = frame.height
+        assert frame.height == split.rows == sum(split.by_category.values()), split.name
+        if split.csv:
+            csv = pl.read_csv(folder / split.csv)
+            assert csv.columns == ["prompt", "category"] and csv.height == split.rows, split.name
+        if f"split_{split.name}" in totals:
+            assert totals[f"split_{split.name}"] == split.rows, split.name
+    counts = manifest.counts
+    assert counts.votes == votes.height
+    assert counts.responses == responses.height
+    assert counts.dedup_dropped == (~dedup["kept"]).sum()
+    assert manifest.failures.total == failures.height
+    assert sum(n for stage in manifest.failures.by_stage.values() for n in stage.values()) == failures.height
 
     # The panel: every member answered (or failed on) every benign prompt; a null answer has a failure row.
     benign_ids = set(pl.read_parquet(folder / "benign.parquet")["prompt_id"])
@@ -142,7 +142,7 @@ def check_release_bookkeeping(folder: Path, n_moderators: int = 3, panel_size: i
     assert set(hard["prompt_id"]) <= benign_ids
 
     # Token accounting: each role's failure count is the number of failure rows it left.
-    for role, usage in manifest["tokens"].items():
-        assert usage["failures"] == failures.filter(pl.col("role") == role).height, role
+    for role, usage in manifest.tokens.items():
+        assert usage.failures == failures.filter(pl.col("role") == role).height, role
     return {"manifest": manifest, "candidates": candidates, "votes": votes, "failures": failures,
             "responses": responses, "rows": rows}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from orforge.flows.cli import app
 from tests.faults.support import edit_config, free_port
 from tests.flows.pipeline import write_config
 

@@ -8,9 +8,9 @@ import re
 import polars as pl
 import pytest
 
-from core.config import stable_hash
-from core.templates import normalize
-from llm.hub import MAX_REASKS
+from orforge.core.config import stable_hash
+from orforge.core.templates import normalize
+from orforge.llm.hub import MAX_REASKS
 from tests.fakeserver import Fault
 from tests.faults.support import TRANSPORT_FAULTS, check_release_bookkeeping, edit_config, logical_id
 from tests.flows.pipeline import pipeline_responder, stage_of, write_config
@@ -59,7 +59,7 @@ def _about(body: dict) -> str:
 
 
 def test_random_faults_then_rerun_completes_only_what_failed(prefect_harness, fake_server, tmp_path):
-    from flows.build import build_flow
+    from orforge.flows.build import build_flow
 
     poison = Poisoned()
     fake_server.responder = poison
@@ -99,7 +99,7 @@ def test_random_faults_then_rerun_completes_only_what_failed(prefect_harness, fa
     # The random faults were recovered: retried by the client (transport) or re-asked by the hub (bad replies).
     # What the hub counted as sent is every reply that arrived plus every request that failed for good in
     # transport; the transport faults in between were the openai client's own retries.
-    sent = sum(u["requests"] for u in one["manifest"]["tokens"].values())
+    sent = sum(u.requests for u in one["manifest"].tokens.values())
     transport_failed = failures.filter(pl.col("reason").str.contains(r"^(HTTP \d+|timeout|connection error)")).height
     assert transport_failed >= 1
     assert sent == sum(r.fault not in TRANSPORT_FAULTS for r in run1) + transport_failed

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import flows.build  # noqa: F401  (Prefect configures logging on first import; caplog must come after that)
-from flows.cli import app
+import orforge.flows.build  # noqa: F401  (Prefect configures logging on first import; caplog must come after that)
+from orforge.flows.cli import app
 from tests.faults.support import edit_config, files_under
 from tests.flows.pipeline import pipeline_responder, write_config
 

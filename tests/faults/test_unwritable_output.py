@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from orforge.flows.cli import app
 from tests.faults.support import files_under
 from tests.flows.pipeline import pipeline_responder, write_config
 
@@ -69,7 +69,7 @@ def test_disk_full_while_writing_the_release_exits_1_and_leaves_no_partial_folde
                                                                                     tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    from flows.build import build_flow
+    from orforge.flows.build import build_flow
 
     # Long category examples make the manifest (which records the config) larger than any file the build writes
     # before it, so a file size limit between the two lets the build run and the release fail at its last file.
@@ -94,7 +94,7 @@ def test_disk_full_while_writing_the_release_exits_1_and_leaves_no_partial_folde
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "prefect-home"),
                PYTHONPATH=str(ROOT), GIT_OPTIONAL_LOCKS="0", COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--config", str(config), "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "orforge", "build", "--config", str(config), "--output", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           preexec_fn=_limit_file_size(limit))
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from orforge.flows.cli import app
 from tests.flows.pipeline import pipeline_responder, write_config
 
 pytestmark = pytest.mark.slow
@@ -15,7 +17,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def built(prefect_harness, fake_server, tmp_path):
-    from flows.build import build_flow
+    from orforge.flows.build import build_flow
 
     fake_server.responder = pipeline_responder
     config = write_config(tmp_path, fake_server.url + "/v1")
@@ -25,7 +27,7 @@ def built(prefect_harness, fake_server, tmp_path):
 
 
 def test_add_category_keeps_old_rows_and_adds_new_ones(built, tmp_path):
-    from outputs.release import read_manifest, verify_release
+    from orforge.outputs.release import read_manifest, verify_release
 
     release, config, server = built
     examples = tmp_path / "examples.txt"
@@ -49,8 +51,12 @@ def test_add_category_keeps_old_rows_and_adds_new_ones(built, tmp_path):
     assert pl.read_parquet(new / "votes.parquet").height > pl.read_parquet(release / "votes.parquet").height
 
     manifest = read_manifest(new)
-    assert manifest["notes"]["added_categories"] == ["stalking"]
-    assert manifest["notes"]["parent"]["files"] == read_manifest(release)["files"]
+    assert manifest.notes["added_categories"] == ["stalking"]
+    parent = read_manifest(release)
+    assert manifest.parent.files == parent.files and manifest.parent.folder == "v1"
+    assert manifest.parent.manifest_sha256 == hashlib.sha256((release / "manifest.json").read_bytes()).hexdigest()
+    assert (manifest.parent.config_hash, manifest.parent.created) == (parent.config_hash, parent.created)
+    assert str(tmp_path) not in manifest.parent.model_dump_json()  # named by folder and hash, not by a path
     seeds_requests = [r for r in server.chat_requests if "Category: stalking" in r.last_user]
     assert seeds_requests and "celebrity lives" in seeds_requests[0].last_user
 

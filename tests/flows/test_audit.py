@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from orforge.flows.cli import app
 from tests.flows.pipeline import pipeline_responder, write_config
 
 pytestmark = pytest.mark.slow
@@ -14,7 +14,7 @@ runner = CliRunner()
 
 
 def test_audit_writes_agreement_and_human_accuracy(prefect_harness, fake_server, tmp_path):
-    from flows.build import build_flow
+    from orforge.flows.build import build_flow
 
     fake_server.responder = pipeline_responder
     release = tmp_path / "release"

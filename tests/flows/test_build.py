@@ -7,8 +7,8 @@ import shutil
 import polars as pl
 import pytest
 
-from core.config import stable_hash
-from core.templates import normalize
+from orforge.core.config import stable_hash
+from orforge.core.templates import normalize
 from tests.flows.pipeline import pipeline_responder, write_config
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,8 @@ def pipeline_server(fake_server):
 
 
 def test_build_then_rebuild_sends_nothing_and_writes_identical_splits(prefect_harness, pipeline_server, tmp_path):
-    from flows.build import build_flow
-    from outputs.release import read_manifest, verify_release
+    from orforge.flows.build import build_flow
+    from orforge.outputs.release import read_manifest, verify_release
 
     config = write_config(tmp_path, pipeline_server.url + "/v1")
     first = tmp_path / "first"
@@ -34,7 +34,7 @@ def test_build_then_rebuild_sends_nothing_and_writes_identical_splits(prefect_ha
     assert sent > 0
 
     manifest = read_manifest(first)
-    rows = {s["name"]: s["rows"] for s in manifest["splits"]}
+    rows = {s.name: s.rows for s in manifest.splits}
     assert rows["benign"] > 0 and rows["toxic"] > 0 and rows["hard"] > 0, rows
     assert verify_release(first).ok
 
@@ -78,13 +78,13 @@ def test_build_then_rebuild_sends_nothing_and_writes_identical_splits(prefect_ha
 
 
 def test_build_without_panel_says_hard_was_not_built(prefect_harness, pipeline_server, tmp_path):
-    from flows.build import build_flow
-    from outputs.release import read_manifest
+    from orforge.flows.build import build_flow
+    from orforge.outputs.release import read_manifest
 
     config = write_config(tmp_path, pipeline_server.url + "/v1", panel=None)
     out = tmp_path / "release"
     build_flow(config_path=str(config), output=str(out))
     manifest = read_manifest(out)
-    assert "hard" not in {s["name"] for s in manifest["splits"]}
-    assert "not built" in manifest["notes"]["hard"]
+    assert "hard" not in {s.name for s in manifest.splits}
+    assert "not built" in manifest.notes["hard"]
     assert not (out / "responses.parquet").exists()

@@ -18,7 +18,7 @@ from tests.fakeserver import FakeServer, Fault
 from tests.flows.pipeline import pipeline_responder, stage_of, write_config
 
 pytestmark = pytest.mark.slow
-ORFORGE = [sys.executable, "-m", "flows.cli"]
+ORFORGE = [sys.executable, "-m", "orforge"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,7 +53,7 @@ def _identity(body: dict) -> str:
 
 
 def test_kill_during_rewrites_then_resume(prefect_harness, tmp_path):
-    from flows.build import build_flow
+    from orforge.flows.build import build_flow
 
     with FakeServer() as reference_server:  # what an uninterrupted build produces
         reference_server.responder = pipeline_responder

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 import yaml
 
-from core.config import stable_hash
-from core.templates import normalize
+from orforge.core.config import stable_hash
+from orforge.core.templates import normalize
 from tests.flows.pipeline import _h, _user, pipeline_responder, stage_of, write_config
 
 SPLITS = ("benign", "toxic", "hard")
@@ -30,15 +30,15 @@ def bodies(server) -> list[str]:
 
 
 def load(config):
-    from core.config import load_config
+    from orforge.core.config import load_config
 
     return load_config(config)
 
 
 @pytest.mark.slow
 def test_scheduled_rebuilds_reuse_the_cache_keep_released_prompts_and_diff(prefect_harness, fake_server, tmp_path):
-    from flows.schedule import latest_release, scheduled_build_flow
-    from outputs.release import read_manifest, verify_release
+    from orforge.flows.schedule import latest_release, scheduled_build_flow
+    from orforge.outputs.release import read_manifest, verify_release
 
     fake_server.responder = pipeline_responder
     config = write_config(tmp_path, fake_server.url + "/v1")
@@ -46,7 +46,7 @@ def test_scheduled_rebuilds_reuse_the_cache_keep_released_prompts_and_diff(prefe
 
     # 1. The first release: nothing to diff against.
     first = Path(scheduled_build_flow(config_path=str(config)))
-    assert first.parent == releases and re.fullmatch(r"\d{8}-\d{6}", first.name)
+    assert first.parent == releases and re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", first.name)
     assert not (first / "diff.json").exists()
     sent_first = bodies(fake_server)
     assert sent_first
@@ -60,12 +60,13 @@ def test_scheduled_rebuilds_reuse_the_cache_keep_released_prompts_and_diff(prefe
     for split in SPLITS:
         assert (first / f"{split}.parquet").read_bytes() == (second / f"{split}.parquet").read_bytes(), split
     diff = json.loads((second / "diff.json").read_text())
-    assert diff["previous"] == str(first) and diff["current"] == str(second)
+    assert diff["previous"]["folder"] == first.name and diff["current"]["folder"] == second.name
+    assert str(tmp_path) not in (second / "diff.json").read_text() + (second / "diff.md").read_text()
     assert (diff["added"], diff["removed"], diff["config_changed"]) == (0, 0, False)
     assert {s: d["unchanged"] for s, d in diff["splits"].items()} == {s: len(ids(first, s)) for s in SPLITS}
     assert "0 prompts added and 0 removed" in (second / "diff.md").read_text()
     assert verify_release(second).ok
-    against = read_manifest(second)["config"]["dedup"]["against"]
+    against = read_manifest(second).config["dedup"]["against"]
     assert against == [str(first)]  # the previous release itself, not a copy
 
     # 3. The config changes: violence is dropped, privacy grows (more seeds). New seeds' rewrites include
@@ -130,7 +131,7 @@ def test_scheduled_rebuilds_reuse_the_cache_keep_released_prompts_and_diff(prefe
     assert now.height - len(now.join(released, on="prompt_id", how="semi")) > 0, "nothing new was added"
 
     diff = json.loads((third / "diff.json").read_text())
-    assert diff["previous"] == str(second) and diff["config_changed"] is True
+    assert diff["previous"]["folder"] == second.name and diff["config_changed"] is True
     benign = diff["splits"]["benign"]
     assert benign["removed"] == len(lost)
     assert benign["by_category"]["violence"] == {"previous": len(violence_ids), "current": 0, "added": 0,
@@ -146,7 +147,7 @@ def test_scheduled_rebuilds_reuse_the_cache_keep_released_prompts_and_diff(prefe
 def test_check_server_without_api_url_says_how_to_start_one():
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.schedule import ScheduleError, check_server
+    from orforge.flows.schedule import ScheduleError, check_server
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ScheduleError) as info:
         check_server()
@@ -157,7 +158,7 @@ def test_check_server_without_api_url_says_how_to_start_one():
 def test_check_server_with_a_server_that_does_not_answer(fake_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.schedule import ScheduleError, check_server
+    from orforge.flows.schedule import ScheduleError, check_server
 
     dead = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     with temporary_settings({PREFECT_API_URL: dead}), pytest.raises(ScheduleError, match="does not answer"):
@@ -172,7 +173,7 @@ def test_check_server_with_a_server_that_does_not_answer(fake_server):
 def test_serve_refuses_a_bad_cron_or_name_before_touching_the_server(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.schedule import ScheduleError, check_cron, serve
+    from orforge.flows.schedule import ScheduleError, check_cron, serve
 
     config = write_config(tmp_path, "http://127.0.0.1:9/v1")
     assert check_cron(" 0 3 * * 1 ") == "0 3 * * 1" and check_cron("@weekly") == "@weekly"
@@ -191,8 +192,8 @@ def test_serve_refuses_a_bad_cron_or_name_before_touching_the_server(tmp_path):
 def test_prefect_yaml_declares_the_scheduled_flow_with_a_valid_cron(monkeypatch):
     from prefect.flows import load_flow_from_entrypoint
 
-    from core.config import load_config
-    from flows.schedule import FLOW_NAME, check_cron
+    from orforge.core.config import load_config
+    from orforge.flows.schedule import FLOW_NAME, check_cron
 
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (deployment,) = project["deployments"]
@@ -211,7 +212,7 @@ def test_orforge_serve_exits_2_with_one_line_without_a_server(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from orforge.flows.cli import app
 
     if "serve" not in {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}:
         pytest.skip("`orforge serve` is not wired into flows/cli.py yet")
@@ -282,7 +283,7 @@ def test_serve_registers_a_cron_deployment_on_a_real_server_that_runs_it(fake_se
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from outputs.release import verify_release
+    from orforge.outputs.release import verify_release
 
     fake_server.responder = pipeline_responder
     config = write_config(tmp_path, fake_server.url + "/v1", panel=None)
@@ -305,7 +306,7 @@ def test_serve_registers_a_cron_deployment_on_a_real_server_that_runs_it(fake_se
                 return False
 
         wait_for(healthy, 120, "prefect server start", server, server_log)
-        code = (f"from flows.schedule import serve; serve({str(config)!r}, '0 3 * * 1', 'weekly-test')")
+        code = (f"from orforge.flows.schedule import serve; serve({str(config)!r}, '0 3 * * 1', 'weekly-test')")
         served = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=serve_log.open("w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         name = "orforge-scheduled-build/weekly-test"
@@ -321,7 +322,7 @@ def test_serve_registers_a_cron_deployment_on_a_real_server_that_runs_it(fake_se
             assert [s.schedule.cron for s in found.schedules] == ["0 3 * * 1"]
             assert all(s.active for s in found.schedules)
             assert found.parameters == {"config_path": str(config.resolve()), "against_previous": True}
-            assert found.entrypoint == "flows.schedule.scheduled_build_flow"
+            assert found.entrypoint == "orforge.flows.schedule.scheduled_build_flow"
             run = run_deployment(name, timeout=300, poll_interval=2, as_subflow=False)
             assert run.state is not None and run.state.is_completed(), (run.state, serve_log.read_text()[-3000:])
             releases = sorted((tmp_path / "releases" / "pipeline-test").iterdir())

@@ -8,11 +8,11 @@ import re
 
 import polars as pl
 
-from core.config import RewritesConfig, stable_hash
-from core.records import CANDIDATES, SEEDS, frame
-from core.templates import normalize
-from generators.rewrites import TEMPLATE, rewrite
-from llm.hub import MAX_REASKS, REASK_TEMPERATURE
+from orforge.core.config import RewritesConfig, stable_hash
+from orforge.core.records import CANDIDATES, SEEDS, frame
+from orforge.core.templates import normalize
+from orforge.generators.rewrites import TEMPLATE, rewrite
+from orforge.llm.hub import MAX_REASKS, REASK_TEMPERATURE
 from tests.fakeserver import Fault, request_schema
 
 TEMPLATE_SHA256 = hashlib.sha256(TEMPLATE.read_bytes()).hexdigest()

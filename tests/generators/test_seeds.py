@@ -8,11 +8,11 @@ import hashlib
 import polars as pl
 import pytest
 
-from core.config import CategorySpec, SeedsConfig
-from core.records import FAILURES, SEEDS
-from core.templates import load_template
-from generators.seeds import TEMPLATE, generate_seeds
-from llm.hub import LLMHub
+from orforge.core.config import CategorySpec, SeedsConfig
+from orforge.core.records import FAILURES, SEEDS
+from orforge.core.templates import load_template
+from orforge.generators.seeds import TEMPLATE, generate_seeds
+from orforge.llm.hub import LLMHub
 from tests.fakeserver import Fault, request_schema
 
 TEMPLATE_SHA256 = hashlib.sha256(TEMPLATE.read_bytes()).hexdigest()

@@ -7,8 +7,8 @@ import socket
 import pytest
 from pydantic import BaseModel
 
-from llm.hub import MAX_REASKS, REASK_TEMPERATURE, LLMHub
-from llm.types import CircuitOpenError, LLMRequest
+from orforge.llm.hub import MAX_REASKS, REASK_TEMPERATURE, LLMHub
+from orforge.llm.types import CircuitOpenError, LLMRequest
 from tests.fakeserver import Fault
 
 SLACK_S = 0.05  # timer and scheduling slack when checking that a Retry-After wait was honoured

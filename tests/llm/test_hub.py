@@ -8,9 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from llm.dialects import schema_instruction
-from llm.hub import LLMHub
-from llm.types import LLMRequest
+from orforge.llm.dialects import schema_instruction
+from orforge.llm.hub import LLMHub
+from orforge.llm.types import LLMRequest
 
 
 class Verdict(BaseModel):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import secrets
 
-from llm.hub import LLMHub
-from llm.types import LLMRequest
+from orforge.llm.hub import LLMHub
+from orforge.llm.types import LLMRequest
 from tests.fakeserver import Fault
 
 

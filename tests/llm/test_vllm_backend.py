@@ -8,11 +8,11 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel
 
-from core.config import ModelSpec
-from llm.backends import backend_class
-from llm.backends.vllm import build_chat_call
-from llm.hub import LLMHub
-from llm.types import BackendError, LLMRequest
+from orforge.core.config import ModelSpec
+from orforge.llm.backends import backend_class
+from orforge.llm.backends.vllm import build_chat_call
+from orforge.llm.hub import LLMHub
+from orforge.llm.types import BackendError, LLMRequest
 
 
 class Verdict(BaseModel):
@@ -24,8 +24,10 @@ def test_build_chat_call_puts_the_schema_in_structured_outputs_and_keeps_samplin
                      system_prompt="Be brief.", extra={"top_p": 0.9})
     with LLMHub(tmp_path / "c.sqlite") as hub:
         llm_like = type("L", (), {"spec": spec})()
-        prepared = [hub._prepare(llm_like, LLMRequest.chat("is this ok?", response_model=Verdict, sample_index=3), 0),
-                    hub._prepare(llm_like, LLMRequest.chat("free text please"), 1)]
+        key = {True: spec.answer_key(True), False: spec.answer_key(False)}
+        prepared = [hub._prepare(llm_like, LLMRequest.chat("is this ok?", response_model=Verdict, sample_index=3), 0,
+                                 key),
+                    hub._prepare(llm_like, LLMRequest.chat("free text please"), 1, key)]
     conversations, params = build_chat_call(spec, prepared)
     assert conversations[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "is this ok?"}]
     assert params[0] == {"n": 1, "temperature": 0.7, "max_tokens": 64, "seed": 3, "top_p": 0.9,

@@ -3,17 +3,10 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from core.records import VOTES, frame
-from moderators.agreement import (
-    ALL,
-    HEATMAP,
-    UNKNOWN_CATEGORY,
-    agreement,
-    human_agreement,
-    read_human_labels,
-    write_audit,
-)
-from outputs.plots import PNG_SIGNATURE
+from orforge.core.records import VOTES, frame
+from orforge.moderators.agreement import ALL, UNKNOWN_CATEGORY, agreement, human_agreement, read_human_labels
+from orforge.outputs.audit import HEATMAP, write_audit
+from orforge.outputs.plots import PNG_SIGNATURE
 
 VERDICT = {"t": "toxic", "b": "benign"}
 

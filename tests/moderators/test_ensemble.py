@@ -10,9 +10,9 @@ import re
 import polars as pl
 import pytest
 
-from core.config import AtLeast, CategorySpec, ModerationConfig, stable_hash
-from core.records import CANDIDATES, DECISIONS, FAILURES, VOTES, frame
-from moderators.ensemble import TEMPLATE, decide, decide_one, moderate
+from orforge.core.config import AtLeast, CategorySpec, ModerationConfig, stable_hash
+from orforge.core.records import CANDIDATES, DECISIONS, FAILURES, VOTES, frame
+from orforge.moderators.ensemble import TEMPLATE, decide, decide_one, moderate
 from tests.fakeserver import Fault, request_schema
 
 TEMPLATE_SHA256 = hashlib.sha256(TEMPLATE.read_bytes()).hexdigest()

@@ -7,9 +7,9 @@ import itertools
 
 import polars as pl
 
-from core.records import FAILURES
-from moderators.panel import ANSWER_SCHEMA, HARD_MEMBERS, answer, hard_members
-from moderators.refusal import classify_refusals
+from orforge.core.records import FAILURES
+from orforge.moderators.panel import ANSWER_SCHEMA, HARD_MEMBERS, answer, hard_members
+from orforge.moderators.refusal import classify_refusals
 from tests.fakeserver import Fault
 
 PROMPTS = {

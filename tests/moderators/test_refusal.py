@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from core.records import FAILURES
-from moderators.refusal import (
+from orforge.core.records import FAILURES
+from orforge.moderators.refusal import (
     JUDGE_MAX_RESPONSE_CHARS,
     JUDGE_TEMPLATE_SHA256,
     TEMPLATE_PATH,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from core.config import BuildConfig, stable_hash
-from core.records import CANDIDATES, DECISIONS, DEDUP, FAILURES, SEEDS, VOTES, frame
+from orforge.core.config import BuildConfig, stable_hash
+from orforge.core.records import CANDIDATES, DECISIONS, DEDUP, FAILURES, SEEDS, VOTES, frame
 
 CATEGORIES = ("harassment", "privacy", "violence")
 TEMPLATE = "a" * 64

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from outputs.atomic import (
+from orforge.outputs.atomic import (
     ReleaseWriteError,
     _umask,
     atomic_folder,

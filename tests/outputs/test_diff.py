@@ -7,10 +7,10 @@ import json
 import polars as pl
 import pytest
 
-from core.records import FAILURES, VOTES, empty
-from outputs.diff import diff_releases, write_diff
-from outputs.release import ManifestInfo, verify_release, write_release
-from outputs.splits import HARD_COLUMNS, SPLIT_COLUMNS
+from orforge.core.records import FAILURES, VOTES, empty
+from orforge.outputs.diff import diff_releases, write_diff
+from orforge.outputs.release import ManifestInfo, verify_release, write_release
+from orforge.outputs.splits import HARD_COLUMNS, SPLIT_COLUMNS
 from tests.outputs.conftest import build_config
 
 
@@ -104,3 +104,28 @@ def test_diff_needs_release_folders(tmp_path, two_releases):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         diff_releases(previous, tmp_path / "empty")
+
+
+def test_diff_names_releases_by_folder_and_hash_not_by_path(two_releases, tmp_path):
+    import hashlib
+
+    previous, current = two_releases
+    diff = diff_releases(previous, current)
+    json_path, md_path = write_diff(current, diff)
+    for name, folder in (("previous", previous), ("current", current)):
+        ref = diff[name]
+        assert ref == {"folder": folder.name, "name": "tiny-orbench", "created": "2024-01-01T00:00:00",
+                       "manifest_sha256": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()}
+    md = md_path.read_text()
+    assert f"Previous release: `{previous.name}` (created 2024-01-01T00:00:00, manifest sha256 " \
+           f"`{diff['previous']['manifest_sha256'][:16]}`)" in md
+    # No trace of where the builder keeps its releases, in either file.
+    for text in (json_path.read_text(), md):
+        assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text and "/tmp" not in text
+
+
+def test_a_relative_folder_is_named_by_its_own_name(two_releases, monkeypatch):
+    previous, current = two_releases
+    monkeypatch.chdir(current)
+    diff = diff_releases(previous, ".")
+    assert diff["current"]["folder"] == current.name and diff["splits"]["benign"]["added"] == 3

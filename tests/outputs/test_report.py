@@ -11,14 +11,15 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from core.records import RESPONSES, VOTES, frame
-from moderators.agreement import agreement, write_audit
-from outputs.atomic import write_csv
-from outputs.plots import PNG_SIGNATURE
-from outputs.release import ManifestInfo, write_release
-from outputs.report import REPORT, SECTION_IDS, build_report, write_report
-from outputs.scoring import score, scoring_frame
-from outputs.splits import assemble_splits, funnel
+from orforge.core.records import RESPONSES, VOTES, frame
+from orforge.moderators.agreement import agreement
+from orforge.outputs.audit import write_audit
+from orforge.outputs.atomic import write_csv
+from orforge.outputs.plots import PNG_SIGNATURE
+from orforge.outputs.release import ManifestInfo, write_release
+from orforge.outputs.report import REPORT, SECTION_IDS, build_report, write_report
+from orforge.outputs.scoring import score, scoring_frame
+from orforge.outputs.splits import assemble_splits, funnel
 from tests.outputs.conftest import TEMPLATE, build_config, make_failures
 
 SCRIPT = "<script>alert(1)</script>"
@@ -129,7 +130,7 @@ def test_data_text_is_escaped(release):
     assert "How do I explain &lt;script&gt;alert(1)&lt;/script&gt; to my kids &amp; friends?" in html
     # The manifest's text is data too.
     assert EVIL_NOTE not in html and "<img src=\"https" not in html
-    assert "&lt;img src=&quot;https://example.com/x.png&quot; onerror=&quot;alert(2)&quot;&gt;" in html
+    assert "&lt;img src=&#34;https://example.com/x.png&#34; onerror=&#34;alert(2)&#34;&gt;" in html
     assert 'http-equiv="Content-Security-Policy"' in html and "default-src 'none'" in html
 
 
@@ -213,3 +214,101 @@ def test_chromium_renders_the_report(release, built, tmp_path):
     assert len(image.getcolors(maxcolors=1 << 24)) > 100
     lower = image.crop((0, 1600, 1280, 2400))
     assert len(lower.getcolors(maxcolors=1 << 24)) > 20
+
+
+# ---------------------------------------------------------------------------------------------------- templates
+
+TABLE_BREAKER = "Close the table early </table><tr><td>injected</td></tr> and carry on"
+
+
+@pytest.fixture
+def marked_up(tmp_path, built):
+    """A release whose benign prompts carry markup, and whose notes hold what flows.build records: per-model usage
+    (a list of mappings), shard counts (a mapping) and nested dedup counts."""
+    benign = built["splits"]["benign"]
+    evil = [SCRIPT, TABLE_BREAKER]
+    splits = {**built["splits"], "benign": benign.with_columns(
+        prompt=pl.when(pl.int_range(pl.len()) < 2).then(pl.Series(evil + [None] * (benign.height - 2)))
+        .otherwise("prompt"))}
+    info = ManifestInfo(config=build_config(), funnel=built["info"].funnel, tokens=built["info"].tokens, notes={
+        "usage_by_model": [
+            {"role": "moderator", "model": "mod-a", "requests": 10, "cached": 2, "failures": 1,
+             "prompt_tokens": 500, "completion_tokens": 40},
+            {"role": "rewrites", "model": "rewriter", "requests": 4, "cached": 0, "failures": 0,
+             "prompt_tokens": 300, "completion_tokens": 900},
+        ],
+        "shards": {"reused": 3, "run": 5},
+        "dedup": {"pools": {"benign": {"input": 12, "kept": 9}}, "dropped": 3},
+        "added_categories": ["stalking", "doxxing"],
+    })
+    # Every benign row is sampled (the split is small), so both marked-up prompts reach the samples section.
+    return write_release(tmp_path / "marked", splits, built["votes"], built["failures"], info), splits
+
+
+def test_markup_in_prompts_is_shown_as_text(marked_up):
+    release, splits = marked_up
+    html = write_report(release, seed=0).read_text()
+    samples = section(html, "samples")
+    shown = re.findall(r'<td class="text">(.*?)</td>', samples)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown
+    assert "Close the table early &lt;/table&gt;&lt;tr&gt;&lt;td&gt;injected&lt;/td&gt;&lt;/tr&gt; and carry on" in shown
+    assert "<script" not in html.lower() and "injected</td>" not in html
+    # The prompts did not close any table: every table the report opens, it closes itself.
+    assert html.count("<table>") == html.count("</table>") > 0
+
+
+def test_notes_and_usage_are_tables_not_python_reprs(marked_up):
+    release, _ = marked_up
+    html = write_report(release).read_text()
+    assert "{'" not in html and "[{" not in html and "'}" not in html
+    tokens = section(html, "tokens")
+    assert "<h3>By role and model</h3>" in tokens
+    assert ('<td>moderator</td><td>mod-a</td><td class="num">10</td><td class="num">2</td><td class="num">1</td>'
+            '<td class="num">500</td><td class="num">40</td>') in tokens
+    overview = section(html, "overview")
+    assert "usage_by_model" not in overview  # it is the manifest's typed `usage`, shown with the tokens
+    assert '<td>reused</td><td>3</td>' in overview and '<td>run</td><td>5</td>' in overview
+    assert '<td>pools.benign.kept</td><td>9</td>' in overview
+    assert "<li>added_categories: stalking, doxxing</li>" in overview
+
+
+def test_overview_shows_license_libraries_and_embedding_model(tmp_path, built):
+    info = ManifestInfo(config=build_config(license="cc-by-4.0"), funnel=built["info"].funnel)
+    release = write_release(tmp_path / "lic", built["splits"], built["votes"], built["failures"], info)
+    overview = section(build_report(release), "overview")
+    assert "<dt>License</dt><dd>cc-by-4.0</dd>" in overview and "<dt>Recipe</dt><dd>orbench</dd>" in overview
+    assert f"<td>polars</td><td>{pl.__version__}</td>" in overview
+    assert "<dt>Embedding model</dt><dd>all-MiniLM-L6-v2" in overview
+
+
+def test_a_recipe_adds_sections_by_registering_them(release, monkeypatch):
+    from orforge.outputs import report
+
+    monkeypatch.setattr(report, "_RECIPES", dict(report._RECIPES))
+    manifest_path = release / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"recipe": "orbench"', '"recipe": "select"'))
+    with pytest.raises(ValueError, match="no report sections for recipe 'select'"):
+        build_report(release)
+
+    @report.recipe_sections("select")
+    def select_sections(inputs):
+        failures = report.failures_section(inputs)
+        return [report.overview(inputs),
+                report.Section("select-failures", "Failures again", failures.template, failures.context)]
+
+    html = build_report(release)
+    assert re.findall(r'<h2 id="([^"]+)">', html) == ["overview", "select-failures"]
+    assert 'href="#select-failures"' in html and "invalid_json" in section(html, "select-failures")
+    with pytest.raises(ValueError, match="already registered"):
+        report.recipe_sections("select")(select_sections)
+
+
+def test_the_template_escapes_whatever_a_section_passes(release):
+    from orforge.outputs.report import Section, render_report
+
+    html = render_report("</title><script>x</script>", "now", [
+        Section("s1", "<b>bold</b>", "sections/funnel_chart.html.j2", {"image": None}),
+    ])
+    assert "<script" not in html and "&lt;/title&gt;&lt;script&gt;" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    with pytest.raises(ValueError, match="unique"):
+        render_report("x", "now", [Section("a", "A", "sections/funnel_chart.html.j2", {"image": None})] * 2)

@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from core.records import RESPONSES, frame
-from outputs.plots import PALETTE, PNG_SIGNATURE
-from outputs.scoring import ALL, bootstrap_interval, category_plot, scatter_plot, score, scoring_frame, summary
+from orforge.core.records import RESPONSES, frame
+from orforge.outputs.plots import PALETTE, PNG_SIGNATURE
+from orforge.outputs.scoring import ALL, bootstrap_interval, category_plot, scatter_plot, score, scoring_frame, summary
 
 
 def responses(model: str, split: str, refusals: list[bool | None], categories: list[str] | None = None) -> pl.DataFrame:

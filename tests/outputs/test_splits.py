@@ -5,8 +5,8 @@ import random
 import polars as pl
 import pytest
 
-from core.config import SplitsConfig, ToxicConfig
-from outputs.splits import (
+from orforge.core.config import SplitsConfig, ToxicConfig
+from orforge.outputs.splits import (
     HARD_COLUMNS,
     SPLIT_COLUMNS,
     assemble_splits,

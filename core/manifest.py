@@ -1,0 +1,187 @@
+"""The release manifest as a typed model: what `manifest.json` holds, written once and read back typed.
+
+`outputs.release.write_release` builds a `Manifest` and writes it with `model_dump_json`; every reader goes through
+`Manifest.from_json` (via `outputs.release.read_manifest`), never through raw dicts. Every model forbids unknown
+keys, so a writer and a reader that drift apart fail loudly on the next read instead of silently dropping a field.
+
+`schema_version` says which shape a file has. Manifests written before it existed (no `schema_version` key) are
+read too: they differ only in keeping the per-model usage and the parent release inside `notes`, which
+`from_json` moves into their typed fields. A file claiming a newer version than this code knows is refused with a
+message that says so.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or not of a known shape; the message is one line naming the file."""
+
+
+class MissingManifestError(ManifestError, FileNotFoundError):
+    """The folder has no manifest.json at all (not a release folder)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CodeVersion(_Strict):
+    """orforge's version and, from a git checkout, the commit and whether the tree had uncommitted changes."""
+
+    orforge: str
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+
+class EmbeddingModel(_Strict):
+    """The sentence-embedding model near-duplicate removal used: its name, the key its vectors are stored under
+    (`dedup.embed.Embedder.model_key`) and a sha256 over its files, so a changed model is visible."""
+
+    name: str
+    key: str
+    sha256: str | None = None
+
+
+class Libraries(_Strict):
+    """Versions of the installed packages that shape the data (only those installed), and the embedding model."""
+
+    packages: dict[str, str] = Field(default_factory=dict)
+    embedding_model: EmbeddingModel | None = None
+
+
+class ModelRef(_Strict):
+    name: str
+    backend: str
+    model: str
+
+
+class SplitEntry(_Strict):
+    """One split in the release: its files, rows per category, and whether it is offered as a dataset config."""
+
+    name: str
+    rows: int
+    parquet: str
+    csv: str | None = None
+    config: bool = False
+    by_category: dict[str, int] = Field(default_factory=dict)
+
+
+class Counts(_Strict):
+    """`funnel` is one row per category (orbench: outputs.splits.funnel) or root concept (select:
+    outputs.concept_splits.select_funnel): {"<group>": ..., "<stage>": count, ...}. `votes` is None for a recipe
+    without moderator votes."""
+
+    funnel: list[dict[str, int | str | None]] | None = None
+    votes: int | None = 0
+    responses: int | None = None
+    dedup_dropped: int | None = None
+
+
+class RoleUsage(_Strict):
+    """Requests and tokens of one role. A count the run did not record is None, not zero."""
+
+    requests: int | None = None
+    cached: int | None = None
+    failures: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ModelUsage(RoleUsage):
+    """Requests and tokens of one model in one role (llm.hub.LLMHub.usage_rows)."""
+
+    role: str
+    model: str
+
+
+class FailureCounts(_Strict):
+    total: int = 0
+    by_stage: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+
+class FileHash(_Strict):
+    sha256: str
+    bytes: int
+
+
+class ParentRelease(_Strict):
+    """The release this one grew from (add-category). Named by its folder's name, never by a path on the builder's
+    disk; `manifest_sha256` pins the exact parent and `files` its file hashes at the time."""
+
+    folder: str
+    name: str | None = None
+    created: str | None = None
+    manifest_sha256: str | None = None
+    config_hash: str | None = None
+    files: dict[str, FileHash] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    recipe: str = "orbench"
+    name: str
+    created: str
+    license: str = "unknown"
+    code: CodeVersion
+    config: dict[str, Any]
+    config_hash: str
+    models: dict[str, list[ModelRef]] = Field(default_factory=dict)
+    splits: list[SplitEntry] = Field(default_factory=list)
+    counts: Counts = Field(default_factory=Counts)
+    tokens: dict[str, RoleUsage] = Field(default_factory=dict)
+    usage: list[ModelUsage] = Field(default_factory=list)
+    failures: FailureCounts = Field(default_factory=FailureCounts)
+    notes: dict[str, Any] = Field(default_factory=dict)
+    parent: ParentRelease | None = None
+    libraries: Libraries = Field(default_factory=Libraries)
+    files: dict[str, FileHash] = Field(default_factory=dict)
+
+    def split(self, name: str) -> SplitEntry | None:
+        return next((s for s in self.splits if s.name == name), None)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        """Parse and validate a manifest's text; `source` names the file in a ManifestError's one-line message."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{source}: a manifest is a JSON object, got {type(raw).__name__}")
+        version = raw.get("schema_version")
+        if version is None:
+            raw = _from_unversioned(raw)
+        elif not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+            raise ManifestError(f"{source}: schema_version {version!r} is not one this orforge reads "
+                                f"(1 to {SCHEMA_VERSION}); upgrade orforge")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "<root>"
+            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            raise ManifestError(f"{source}: {where}: {first['msg']}{more}") from None
+
+
+def _from_unversioned(raw: dict[str, Any]) -> dict[str, Any]:
+    """A manifest from before `schema_version`: the per-model usage and the parent release lived in `notes`."""
+    raw = {**raw, "schema_version": 1}
+    notes = dict(raw.get("notes") or {})
+    usage = notes.pop("usage_by_model", None)
+    if isinstance(usage, list) and "usage" not in raw:
+        raw["usage"] = usage
+    parent = notes.pop("parent", None)
+    if isinstance(parent, dict) and "parent" not in raw:
+        # Old manifests named the parent by an absolute path; only its last part is kept.
+        folder = str(parent.get("folder") or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        raw["parent"] = {"folder": folder, "config_hash": parent.get("config_hash"),
+                         "files": parent.get("files") or {}}
+    raw["notes"] = notes
+    return raw
