@@ -128,13 +128,14 @@ class ModelSpec(ModelEndpoint, AnswerSettings, ModelLabel):
 
 
 class CategorySpec(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    # `+` is allowed for ALERT's key `hate_lgbtq+`; category names never become file names (shards are hashes).
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_+-]*$")
     description: str = Field(min_length=1)
     examples: list[str] = Field(default_factory=list)
 
 
 class CategoriesConfig(Strict):
-    preset: Literal["orbench"] | None = "orbench"
+    preset: Literal["orbench", "alert"] | None = "orbench"
     include: list[str] | None = Field(None, description="Subset of the preset's categories; all when absent.")
     custom: list[CategorySpec] = Field(default_factory=list)
 

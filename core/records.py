@@ -127,3 +127,30 @@ class StageResult:
     records: pl.DataFrame
     failures: pl.DataFrame = field(default_factory=lambda: empty(FAILURES))
     notes: dict = field(default_factory=dict)  # stage facts for the manifest, e.g. "calls budget spent"
+
+
+# ALERT recipe: prompts read from a user's file (generators.ingest.ingest_prompts), before categorisation.
+# `category` is the file's own label when it had one (null otherwise); `source_id` is the file's own id column.
+INGESTED = {
+    "prompt_id": pl.Utf8,
+    "prompt": pl.Utf8,
+    "category": pl.Utf8,
+    "source_id": pl.Utf8,
+}
+
+# ALERT recipe: one row per harmful prompt of the base set, whatever made it.
+HARMFUL = {
+    "prompt_id": pl.Utf8,
+    "prompt": pl.Utf8,
+    "category": pl.Utf8,  # a leaf (micro category) of the taxonomy
+    "macro_category": pl.Utf8,  # its top-level ancestor
+    "source": pl.Utf8,  # ingested | generated | template | paraphrase
+    "categorized_by": pl.Utf8,  # given (the file's label) | keyword | model | generated | template
+    "category_rule": pl.Utf8,  # the keyword pattern that matched (keyword rows), else null
+    "category_confidence": pl.Float64,  # the classifier's confidence (model rows), else null
+    "model": pl.Utf8,  # the model that categorised, generated or paraphrased the row, else null
+    "template_id": pl.Utf8,  # the slot template a template or paraphrase row came from, else null
+    "template_sha256": pl.Utf8,  # sha256 of the prompt template file the model was given, else null
+    "parent_id": pl.Utf8,  # a paraphrase's template row, else null
+    "parent_prompt": pl.Utf8,  # that template row's text, else null
+}

@@ -214,7 +214,7 @@ def _print_summary(folder: Path, seconds: float) -> None:
     from orforge.outputs.release import read_manifest
 
     manifest = read_manifest(folder)
-    table = new_table(f"orforge build: {folder}", "split", "rows", "by category")
+    table = new_table(f"orforge build: {folder}", "split", "rows", "by category (orbench) or target (select)")
     for split in manifest.splits:
         cats = ", ".join(f"{k} {v}" for k, v in split.by_category.items())
         table.add_row(split.name, str(split.rows), cats)
@@ -354,8 +354,6 @@ def add_category(
     from orforge.flows.add_category import AddCategoryError, add_category_flow, existing_categories, plan
 
     cfg = load(config, recipe="orbench") if config else None
-    if release_recipe(release) != "orbench":
-        fail(f"--release {release}: add-category extends orbench releases only", 2)
     new: list[CategorySpec] = []
     if name or description:
         if not (name and description):
@@ -383,6 +381,8 @@ def add_category(
         except Exception:  # noqa: BLE001 - plan() below reports what is wrong with the release
             taken = set()
         new = [c for c in cfg.categories.custom if c.name not in taken]
+    if (release / "manifest.json").is_file() and release_recipe(release) != "orbench":
+        fail(f"--release {release}: add-category extends orbench releases only", 2)
     try:
         plan(release, new, cfg)
     except AddCategoryError as e:

@@ -67,14 +67,16 @@ EVAL_RESPONSES = {"model": pl.Utf8, "technique": pl.Utf8, "seed": pl.Int64, "tar
 # -- the tree -------------------------------------------------------------------------------------------------------
 def load_tree(cfg: SelectConfig) -> ConceptTree | None:
     """The pinned tree, or None when the config grows one. A bad tree file is a config error (exit 2)."""
+    if cfg.compositions is not None:
+        # The config model reads SELECT's relation templates, but the build does not compose concepts yet: refuse
+        # rather than ignore a section the user wrote.
+        raise ConfigError("compositions: composed concepts (idA#idB) are not built yet; remove the section")
     path = cfg.concepts.source_path()
     if path is None:
         return None
     try:
         tree = ConceptTree.load(path)
         target_ids(cfg, tree)
-        if cfg.compositions:
-            cfg.compositions.check_against(tree)
     except ConceptTreeError as err:
         raise ConfigError(f"concepts.source: {err}") from None
     return tree

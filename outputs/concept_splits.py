@@ -185,7 +185,7 @@ def select_funnel(tree: ConceptTree, asked: Sequence[str], generated: pl.DataFra
                   splits: pl.DataFrame) -> pl.DataFrame:
     """Counts per root concept at every stage of a SELECT build: concepts asked about, questions generated, kept
     after near-duplicate removal, flagged as leaking, and rows in each evaluation split (by the target's root).
-    One row per root (tree order); every count an Int64, zero when nothing got there."""
+    One row per root that was asked about (tree order); every count an Int64, zero when nothing got there."""
     root_of = {c: (tree.ancestors(c) or [c])[-1] for c in tree.ids()}
     roots = [r for r in tree.roots()]
     table = pl.DataFrame({"root": roots}, schema={"root": pl.Utf8})
@@ -205,4 +205,5 @@ def select_funnel(tree: ConceptTree, asked: Sequence[str], generated: pl.DataFra
     for part in parts:
         table = table.join(part, on="root", how="left")
     counts = [c for c in table.columns if c != "root"]
-    return table.with_columns(pl.col(c).fill_null(0).cast(pl.Int64) for c in counts)
+    table = table.with_columns(pl.col(c).fill_null(0).cast(pl.Int64) for c in counts)
+    return table.filter(pl.col("concepts") > 0)  # roots none of the targets reached say nothing

@@ -19,7 +19,13 @@ sections without touching OR-Bench's: write `templates/sections/<name>.html.j2` 
 tables, notes and images), a builder that returns `Section("<id>", "<Title>", "<name>.html.j2", {...})`, and
 register a function that returns the shared sections it wants plus its own, e.g.
 
-    @recipe_sections("select")
+    def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+
+@recipe_sections("select")
     def select_sections(inputs: ReportInputs) -> list[Section]:
         return [overview(inputs), funnel_section(inputs), select_scores(inputs), samples(inputs)]
 
@@ -265,9 +271,19 @@ def _funnel_table(inputs: ReportInputs) -> tuple[pl.DataFrame | None, str | None
     return table, "The manifest records no funnel; these are the rows per split, counted from the split files."
 
 
+FUNNEL_EXPLAINED = {
+    "orbench": "Prompts per category at each stage: seeds, rewritten candidates, the vote's decisions (benign, toxic, "
+               "contested, unjudged), what survived near-duplicate removal, and the rows of each split.",
+    "select": "Per root concept: the concepts the targets' splits needed, the questions written for them, those kept "
+              "after near-duplicate removal within each concept, those flagged as fitting a neighbour, and the rows "
+              "of each split (by the target's root).",
+}
+
+
 def funnel_section(inputs: ReportInputs) -> Section:
     table, note = _funnel_table(inputs)
-    context = {"note": note, "table": table_view(with_total(table), total=True) if table is not None else None}
+    context = {"note": note, "explain": FUNNEL_EXPLAINED.get(inputs.manifest.recipe, "Rows at each stage."),
+               "table": table_view(with_total(table), total=True) if table is not None else None}
     return Section("funnel", "Funnel", "sections/funnel.html.j2", context)
 
 
@@ -483,6 +499,14 @@ def abstention_section(inputs: ReportInputs) -> Section:
         return Section("evaluation", "Abstention evaluation", "sections/abstention.html.j2", {"source": None})
     run = path.parent
     summary = _read_csv(run / "scores.csv")
+    if summary is not None:  # one cell per metric: mean [95% interval]
+        metrics = [c for c in ("abstention_rate", "generalization_rate", "specificity", "harmonic_mean")
+                   if c in summary.columns]
+        summary = pl.DataFrame([
+            {"model": row["model"], "technique": row["technique"],
+             **{m.replace("_", " "): _with_interval(row[m], row.get(f"{m}_low"), row.get(f"{m}_high"))
+                for m in metrics}}
+            for row in summary.iter_rows(named=True)])
     by_depth = _read_csv(run / "by_depth.csv")
     images = {name: _image((run / f"{name}.png").read_bytes(), alt)
               for name, alt in (("distance", "Abstention rate against path distance from the target"),
@@ -493,6 +517,12 @@ def abstention_section(inputs: ReportInputs) -> Section:
                "by_depth": table_view(by_depth) if by_depth is not None else None,
                "distance": None, "techniques": None, **images}
     return Section("evaluation", "Abstention evaluation", "sections/abstention.html.j2", context)
+
+
+def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
 
 @recipe_sections("select")

@@ -5,6 +5,7 @@ Slow (the server starts in about 2 s, each reply takes a second or more on 2 cor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import polars as pl
@@ -95,3 +96,37 @@ def test_small_build_on_the_embedded_model(prefect_harness, tmp_path):
     assert manifest.tokens["moderator"].completion_tokens > 0
     assert (out / "report.html").exists()
     assert verify_release(out).ok
+
+
+def test_small_select_build_and_evaluation_on_the_embedded_model(prefect_harness, tmp_path):
+    """A tiny version of configs/select-demo.yaml on the embedded model: one target with a child and a sibling,
+    through Prefect to a release, then one technique evaluated on it."""
+    from orforge.flows.select import select_build_flow, select_evaluate_flow
+    from orforge.outputs.release import read_manifest, verify_release
+
+    tree = tmp_path / "tree.yaml"
+    tree.write_text("concepts:\n- {id: places, name: Places, parent: null}\n"
+                    "- {id: rivers, name: Rivers, parent: places}\n- {id: lakes, name: Lakes, parent: places}\n"
+                    "- {id: volcanoes, name: Volcanoes, parent: null}\n")
+    demo = yaml.safe_load(open("configs/select-demo.yaml"))
+    demo.update(output_dir=str(tmp_path / "releases"), work_dir=str(tmp_path / "work"),
+                cache_path=str(tmp_path / "cache.sqlite"), concepts={"source": str(tree)})
+    demo["questions"].update(eval_per_concept=2, train_per_concept=1, per_call=3)
+    demo["splits"] = {"targets": ["places"]}
+    demo["answers"]["max_tokens"] = 24
+    demo["evaluation"].update(techniques=["instructed"], seeds=[0])
+    config = tmp_path / "tiny-select.yaml"
+    config.write_text(yaml.safe_dump(demo))
+
+    out = tmp_path / "release"
+    select_build_flow(config_path=str(config), output=str(out))
+    manifest = read_manifest(out)
+    rows = {s.name: s.rows for s in manifest.splits}
+    assert rows["abstention"] > 0 and rows["generalization"] > 0, rows
+    assert manifest.tokens["questions"].completion_tokens > 0
+    assert verify_release(out).ok and (out / "data.json").is_file()
+
+    evaluation = Path(select_evaluate_flow(release=str(out), config_path=str(config)))
+    responses = pl.read_parquet(evaluation / "responses.parquet")
+    assert responses.height == sum(rows.values()) and responses["response"].is_not_null().all()
+    assert (evaluation / "scores.csv").is_file()

@@ -187,3 +187,53 @@ def test_select_cli_build_and_bad_tree_exit_codes(select_server, tmp_path):
     done = subprocess.run([sys.executable, "-m", "orforge", "validate-config", str(config)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+GROWN = {"Places": ["Harbours", "Deserts"], "Harbours": ["Ferry ports", "Marinas"], "Deserts": ["Salt flats", "Dunes"],
+         "Music": ["Operas", "Sonatas"], "Operas": ["Comic operas", "Grand operas"], "Sonatas": ["Piano sonatas",
+                                                                                               "Violin sonatas"]}
+
+
+def grow_responder(body: dict):
+    user = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+    name = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+    if name == "SubConcepts":
+        parent = re.search(r"Parent topic: (.+)", user).group(1).strip()
+        return {"concepts": GROWN.get(parent, [f"{parent} kind {i}" for i in range(2)])}
+    if name and "nstances" in name:
+        topic = re.search(r"Topic: (.+)", user).group(1).strip()
+        return {"instances": [f"{topic} example {i}" for i in range(2)]}
+    return select_responder(body)
+
+
+def test_select_grows_a_tree_and_writes_it_for_review(prefect_harness, fake_server, tmp_path):
+    """`concepts.grow`: the model proposes sub-concepts level by level; the release carries the tree as tree.yaml,
+    which pins it: a build from that file asks no concept questions and gives the same splits."""
+    from orforge.core.concepts import ConceptTree
+    from orforge.flows.select import select_build_flow
+
+    fake_server.responder = grow_responder
+    spec = {"backend": "openai", "base_url": fake_server.url + "/v1", "model": "fake-model", "timeout_s": 10,
+            "max_retries": 2}
+    config = write_select_config(tmp_path, fake_server.url + "/v1", concepts={"grow": {
+        "roots": ["Places", "Music"], "children_per_node": 2, "depth": 2, "instances_per_leaf": 2,
+        "similarity_threshold": 0.97,
+        "model": {**spec, "name": "grower"}}}, splits={"targets": "non_leaf"})
+    grown = Path(select_build_flow(config_path=str(config), output=str(tmp_path / "grown")))
+    tree = ConceptTree.load(grown / "tree.yaml")
+    names = {tree.get(c).name for c in tree.ids()}
+    assert {"Places", "Harbours", "Marinas", "Music", "Grand operas"} <= names
+    assert len(tree.ids()) == 14 and max(tree.depth(c) for c in tree.ids()) == 2
+    leaf = next(c for c in tree.ids() if tree.get(c).name == "Marinas")
+    assert tree.get(leaf).instances == ("Marinas example 0", "Marinas example 1")
+    assert pl.read_parquet(grown / "abstention.parquet")["target_id"].n_unique() == 6  # the non-leaf concepts
+
+    pinned = write_select_config(tmp_path / "pinned", fake_server.url + "/v1",
+                                 concepts={"source": str(grown / "tree.yaml")}, splits={"targets": "non_leaf"})
+    grow_requests = sum(1 for r in fake_server.chat_requests
+                        if (r.body.get("response_format") or {}).get("json_schema", {}).get("name") == "SubConcepts")
+    again = Path(select_build_flow(config_path=str(pinned), output=str(tmp_path / "again")))
+    assert sum(1 for r in fake_server.chat_requests
+               if (r.body.get("response_format") or {}).get("json_schema", {}).get("name") == "SubConcepts") \
+        == grow_requests
+    assert (grown / "abstention.csv").read_bytes() == (again / "abstention.csv").read_bytes()
