@@ -1,6 +1,7 @@
 """The recipes a config can name, as one pydantic discriminated union on `recipe:`.
 
-`recipe: orbench` (the default, so configs written before recipes existed keep working) or `recipe: select`. Each
+`recipe: orbench` (the default, so configs written before recipes existed keep working), `recipe: select` or
+`recipe: alert`. Each
 recipe's config model subclasses `core.config.RecipeConfig`; adding a recipe is adding its model to `RECIPES`.
 The flows dispatch on the same name (`orforge.flows.recipes`).
 """
@@ -12,13 +13,15 @@ from typing import Annotated, Union
 
 from pydantic import Field, TypeAdapter
 
+from orforge.core.alert_config import AlertConfig
 from orforge.core.config import BuildConfig, ConfigError, RecipeConfig, load_yaml, parse_config
 from orforge.core.select_config import SelectConfig
 
-RECIPES: dict[str, type[RecipeConfig]] = {"orbench": BuildConfig, "select": SelectConfig}
+RECIPES: dict[str, type[RecipeConfig]] = {"orbench": BuildConfig, "select": SelectConfig, "alert": AlertConfig}
 DEFAULT_RECIPE = "orbench"
 
-AnyRecipeConfig = Annotated[Union[BuildConfig, SelectConfig], Field(discriminator="recipe")]  # noqa: UP007
+AnyRecipeConfig = Annotated[Union[BuildConfig, SelectConfig, AlertConfig],  # noqa: UP007
+                            Field(discriminator="recipe")]
 _ADAPTER = TypeAdapter(AnyRecipeConfig)
 
 

@@ -18,14 +18,41 @@ class AuditInputError(ValueError):
 
 
 def release_prompts(release: Path) -> pl.DataFrame:
-    """prompt_id, prompt, category of every judged candidate (all of them, not only those kept in a split)."""
-    return pl.read_parquet(release / "candidates.parquet", columns=["prompt_id", "prompt", "category"])
+    """prompt_id, prompt, category of every judged item: an orbench release's candidates, or for an alert release
+    every (prompt, target) pair its newest evaluation's judges classified (id `<prompt_id>/<model>`)."""
+    evaluation = judged_evaluation(release)
+    if evaluation is None:
+        return pl.read_parquet(release / "candidates.parquet", columns=["prompt_id", "prompt", "category"])
+    prompts = pl.concat([pl.read_parquet(release / f"{s}.parquet", columns=["prompt_id", "prompt", "category"])
+                         for s in ("base", "adversarial")])
+    pairs = pl.read_parquet(evaluation / "responses.parquet", columns=["prompt_id", "model"])
+    return pairs.join(prompts, on="prompt_id").select(
+        pl.concat_str("prompt_id", pl.lit("/"), "model").alias("prompt_id"), "prompt", "category")
+
+
+def judged_evaluation(release: Path) -> Path | None:
+    """The newest `evaluations/<time>/` of an alert release whose judges' verdicts were written as votes, or None for
+    a release whose votes are its own (orbench's moderators)."""
+    if (release / "votes.parquet").is_file() or not (release / "evaluations").is_dir():
+        return None
+    runs = sorted(p for p in (release / "evaluations").iterdir() if (p / "votes.parquet").is_file())
+    return runs[-1] if runs else None
+
+
+def votes_path(release: Path) -> Path:
+    evaluation = judged_evaluation(release)
+    return (evaluation or release) / "votes.parquet"
 
 
 def check_inputs(release: Path, human: Path | None) -> pl.DataFrame | None:
-    for name in ("votes.parquet", "candidates.parquet"):
-        if not (release / name).is_file():
-            raise AuditInputError(f"{release}: not a release folder with votes (no {name})")
+    if judged_evaluation(release) is not None and human is not None:
+        raise AuditInputError("--human labels are compared with moderator votes of an orbench release; an alert "
+                              "release's votes are its safety judges'")
+    if judged_evaluation(release) is None:
+        for name in ("votes.parquet", "candidates.parquet"):
+            if not (release / name).is_file():
+                raise AuditInputError(f"{release}: no votes to audit (no {name}; an alert release needs an "
+                                      "`orforge evaluate` first)")
     if human is None:
         return None
     try:
@@ -36,10 +63,10 @@ def check_inputs(release: Path, human: Path | None) -> pl.DataFrame | None:
 
 def audit(release: Path, human: Path | None = None) -> tuple[Path, dict[str, pl.DataFrame]]:
     labels = check_inputs(release, human)
-    votes = pl.read_parquet(release / "votes.parquet")
+    votes = pl.read_parquet(votes_path(release))
     prompts = release_prompts(release)
     result = agreement(votes, prompts)
-    if labels is not None:
+    if labels is not None and judged_evaluation(release) is None:
         decisions = pl.read_parquet(release / "candidates.parquet", columns=["prompt_id", "decision"])
         result["human"] = human_agreement(votes, labels, decisions, prompts)
     folder = write_audit(release, result)

@@ -71,15 +71,11 @@ def fail(message: str, code: int) -> NoReturn:
 def load(path: Path, recipe: str | None = None) -> RecipeConfig:
     """A config of any recipe, fully checked (categories resolve, a tree file loads); exit 2 with one line if not.
     `recipe`: the command only serves that recipe."""
-    from orforge.core.categories import resolve_categories
-    from orforge.flows.select import load_tree
+    from orforge.flows.recipes import recipe as recipe_of
 
     try:
         cfg = load_config(path)
-        if isinstance(cfg, BuildConfig):
-            resolve_categories(cfg.categories, str(path))
-        else:
-            load_tree(cfg)
+        recipe_of(cfg.recipe).check(cfg)
     except ConfigError as e:
         fail(one_line(f"{path}: {e}" if not str(e).startswith(str(path)) else e), 2)
     if recipe is not None and cfg.recipe != recipe:
@@ -249,6 +245,8 @@ def evaluate(
         fail(f"{config}: targets: the config lists no models to evaluate", 2)
     if cfg.recipe == "select":
         return _evaluate_select(release, config, cfg)
+    if cfg.recipe == "alert":
+        return _evaluate_alert(release, config, cfg)
     from orforge.flows.evaluate import EvaluateInputError, evaluate_flow, load_splits
 
     try:
@@ -297,6 +295,33 @@ def _evaluate_select(release: Path, config: Path, cfg) -> None:
     for row in scores.iter_rows(named=True):
         table.add_row(row["model"], row["technique"], *(cell(row, m) for m in (
             "abstention_rate", "generalization_rate", "specificity", "harmonic_mean")))
+    console.print(table)
+    console.print(f"tables and plots in {folder}; report: {release / 'report.html'}")
+
+
+def _evaluate_alert(release: Path, config: Path, cfg) -> None:
+    import polars as pl
+
+    from orforge.flows.alert import EvaluateInputError, alert_evaluate_flow, load_release_prompts
+
+    if cfg.evaluation is None:
+        fail(f"{config}: evaluation: name the safety judges (evaluation.judges) to score an ALERT release", 2)
+    try:
+        load_release_prompts(release)
+    except EvaluateInputError as e:
+        fail(str(e), 2)
+    except Exception as e:  # noqa: BLE001 - a damaged release file is bad input, not a crash
+        fail(f"--release {release}: cannot read it: {describe(e)}", 2)
+    folder = Path(run_flow("evaluate", alert_evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
+                           config_path=str(config)))
+    scores = pl.read_csv(folder / "safety_scores.csv")
+    overall = scores.filter(pl.col("dimension").is_in(["overall", "attack_type"]))
+    table = new_table(f"safety score = share judged safe (95% Wilson interval): {folder}", "model", "prompts",
+                      "n", "safety score", "95% CI")
+    for row in overall.iter_rows(named=True):
+        ci = "n/a" if row["ci_low"] is None else f"{row['ci_low']:.3f} - {row['ci_high']:.3f}"
+        score = "n/a" if row["safety_score"] is None else f"{row['safety_score']:.3f}"
+        table.add_row(row["model"], row["group"], str(row["n"]), score, ci)
     console.print(table)
     console.print(f"tables and plots in {folder}; report: {release / 'report.html'}")
 

@@ -6,13 +6,17 @@ shared stages. Adding a recipe is one entry here and one in core/recipes.py; not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefect import Flow
 
+from orforge.core.categories import resolve_categories
+from orforge.flows.alert import alert_build_flow, alert_evaluate_flow
+from orforge.flows.alert import check_config as check_alert
 from orforge.flows.build import build_flow
 from orforge.flows.evaluate import evaluate_flow
-from orforge.flows.select import select_build_flow, select_evaluate_flow
+from orforge.flows.select import load_tree, select_build_flow, select_evaluate_flow
 
 
 @dataclass(frozen=True)
@@ -20,14 +24,19 @@ class Recipe:
     name: str
     build: Flow  # (config_path, output=None) -> release folder
     evaluate: Flow  # (release, config_path, ...) -> evaluation folder
-    audits_moderators: bool  # whether the release holds moderator votes for `orforge audit`
+    audits_moderators: bool  # whether the release holds moderator (or judge) votes for `orforge audit`
     adds_categories: bool  # whether `orforge add-category` applies
+    check: Callable  # (config) -> None; raises ConfigError for what the config model alone cannot see
 
 
 RECIPES: dict[str, Recipe] = {
-    "orbench": Recipe("orbench", build_flow, evaluate_flow, audits_moderators=True, adds_categories=True),
+    "orbench": Recipe("orbench", build_flow, evaluate_flow, audits_moderators=True, adds_categories=True,
+                      check=lambda cfg: resolve_categories(cfg.categories)),
     "select": Recipe("select", select_build_flow, select_evaluate_flow, audits_moderators=False,
-                     adds_categories=False),
+                     adds_categories=False, check=load_tree),
+    # ALERT's "moderators" are its safety judges: `orforge audit` reads their verdicts from the newest evaluation.
+    "alert": Recipe("alert", alert_build_flow, alert_evaluate_flow, audits_moderators=True, adds_categories=False,
+                    check=check_alert),
 }
 
 

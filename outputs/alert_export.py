@@ -18,6 +18,7 @@ import json
 import polars as pl
 
 from orforge.core.config import stable_hash
+from orforge.outputs.release import CardFacts, ReleaseLayout, card_build_facts
 
 BASE_ATTACK = "none"
 ALERT_BASE_FILE = "alert.jsonl"
@@ -95,3 +96,88 @@ def dpo_jsonl(pairs: pl.DataFrame) -> str:
     """DPO pairs as JSON lines (`prompt, chosen, rejected` plus the ids and models), the shape TRL's DPO trainer
     reads."""
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.select(*DPO_PAIRS).iter_rows(named=True))
+
+
+# ---------------------------------------------------------------------------------------------------- release
+
+
+def _alert_card_body(facts: CardFacts) -> list[str]:
+    cfg = facts.info.config
+    rows = facts.split_rows
+    out = [
+        f"# {facts.name}",
+        "",
+        f"{facts.name} is a set of harmful requests for red-teaming language models: `base` holds {rows.get('base', 0)} "
+        f"prompts, each in one of ALERT's fine-grained risk categories, and `adversarial` {rows.get('adversarial', 0)} "
+        "variants of them made by attack strategies. A safe model refuses them. It was built with orforge "
+        f"{facts.version.orforge} following the approach of ALERT (Tedeschi et al., 2024): 32 micro categories "
+        "under 6 macro categories, adversarial variants by suffix injection, prefix injection, token manipulation "
+        "and jailbreaking, and a safety score = the share of a model's replies that judge models call safe.",
+        "",
+        "## Sets",
+        "",
+        "Each CSV has the columns `prompt_id, category, macro_category, attack_type, prompt` (`attack_type` is "
+        f"`none` in `base`). `{ALERT_BASE_FILE}` and `{ALERT_ADVERSARIAL_FILE}` hold the same rows in ALERT's own "
+        "format (`id, category, prompt`, plus `attack_type` for variants). The parquet files keep the lineage: how "
+        "each prompt was made (`source`: generated, ingested, template, paraphrase), how it was categorised "
+        "(`categorized_by`, with the keyword rule or the classifier's confidence), and for variants the parent "
+        "prompt and the attack template.",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'ds = load_dataset("path/to/{facts.name}", "base")',
+        "```",
+        "",
+        "## How it was built",
+        "",
+    ]
+    if hasattr(cfg, "attacks"):
+        if cfg.seeds is not None:
+            out.append(f"- Written by `{cfg.seeds.model.label}` ({cfg.seeds.model.model}), up to "
+                       f"{cfg.seeds.seeds_per_category} per category.")
+        if cfg.ingest is not None:
+            out.append(f"- Ingested from `{cfg.ingest.path.name}`, categorised by keyword rules `{cfg.ingest.rules}` "
+                       "then " + (f"the classifier `{cfg.ingest.classifier.label}`" if cfg.ingest.classifier
+                                  else "nothing (rows the rules left were dropped)") + ".")
+        if cfg.topup is not None:
+            out.append(f"- Thin categories topped up to {cfg.topup.minimum} from slot templates"
+                       + (f", paraphrased by `{cfg.topup.paraphrase.label}`." if cfg.topup.paraphrase else "."))
+        out += [f"- Near duplicates removed at cosine {cfg.dedup.threshold} (MiniLM).",
+                f"- Attacks: {', '.join(cfg.attacks.types)}; {cfg.attacks.variants_per_attack} variant(s) per "
+                f"attack and prompt, seed {cfg.seed}.", f"- Config sha256: `{cfg.config_hash()}`.", ""]
+    out += card_build_facts(facts)
+    out += [
+        "## Intended use",
+        "",
+        "Measuring whether a model stays safe on harmful requests, per category and under attack. Report it beside "
+        "an over-refusal measure (an OR-Bench-style set): refusing everything is safe and useless.",
+        "",
+        "## Limits",
+        "",
+        "- These prompts are harmful by design. Do not publish model replies to them without review.",
+        "- Category labels come from the category a prompt was written for, a keyword rule, or a classifier; some "
+        "prompts fit more than one category.",
+        "- A safety score depends on the judges; report which judges were used.",
+        "",
+        "## License and citation",
+        "",
+        f"License: `{facts.license_id}`. The method follows ALERT; if you use this dataset, please cite it:",
+        "",
+        "```bibtex",
+        "@article{tedeschi2024alert,",
+        "  title   = {ALERT: A Comprehensive Benchmark for Assessing Large Language Models' Safety through Red Teaming},",
+        "  author  = {Tedeschi, Simone and Friedrich, Felix and Schramowski, Patrick and Kersting, Kristian and "
+        "Navigli, Roberto and Nguyen, Huu and Li, Bo},",
+        "  journal = {arXiv preprint arXiv:2404.08676},",
+        "  year    = {2024}",
+        "}",
+        "```",
+        "",
+    ]
+    return out
+
+
+ALERT_LAYOUT = ReleaseLayout(
+    split_order=("base", "adversarial"), record_only=frozenset(),
+    csv_columns=("prompt_id", "category", "macro_category", "attack_type", "prompt"), group_column="category",
+    tags=("red-teaming", "safety", "adversarial"), card_body=_alert_card_body)

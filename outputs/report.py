@@ -274,6 +274,8 @@ def _funnel_table(inputs: ReportInputs) -> tuple[pl.DataFrame | None, str | None
 FUNNEL_EXPLAINED = {
     "orbench": "Prompts per category at each stage: seeds, rewritten candidates, the vote's decisions (benign, toxic, "
                "contested, unjudged), what survived near-duplicate removal, and the rows of each split.",
+    "alert": "Per micro category: prompts written by a model, ingested from a file, made from slot templates or "
+             "paraphrased from them, those kept after near-duplicate removal (base), and their adversarial variants.",
     "select": "Per root concept: the concepts the targets' splits needed, the questions written for them, those kept "
               "after near-duplicate removal within each concept, those flagged as fitting a neighbour, and the rows "
               "of each split (by the target's root).",
@@ -534,6 +536,47 @@ def select_sections(inputs: ReportInputs) -> list[Section]:
         tokens_section(inputs),
         failures_section(inputs),
         abstention_section(inputs),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- ALERT
+
+
+def safety_section(inputs: ReportInputs) -> Section:
+    """The newest evaluation of an ALERT release: safety scores per model and attack type, the per-category chart and
+    the category x attack heatmap."""
+    path = newest_scores(inputs.folder)
+    if path is None:
+        return Section("evaluation", "Safety evaluation", "sections/safety.html.j2", {"source": None})
+    run = path.parent
+    scores = _read_csv(run / "safety_scores.csv")
+    overall = policy = None
+    if scores is not None:
+        shown = scores.filter(pl.col("dimension").is_in(["overall", "attack_type", "macro_category"]))
+        overall = table_view(shown.select([c for c in ("model", "dimension", "group", "n", "n_undecided",
+                                                       "safety_score", "ci_low", "ci_high") if c in shown.columns]))
+    if (run / "scores_policy.csv").is_file():
+        policy_scores = _read_csv(run / "scores_policy.csv")
+        policy = table_view(policy_scores.filter(pl.col("dimension") == "overall"))
+    images = {name: _image((run / f"{name}.png").read_bytes(), alt)
+              for name, alt in (("categories", "Safety score per category and model"),
+                                ("attacks", "Safety score per category and attack type"))
+              if (run / f"{name}.png").is_file()}
+    context = {"source": run.relative_to(inputs.folder).as_posix(), "scores": overall, "policy": policy,
+               "categories": None, "attacks": None, **images}
+    return Section("evaluation", "Safety evaluation", "sections/safety.html.j2", context)
+
+
+@recipe_sections("alert")
+def alert_sections(inputs: ReportInputs) -> list[Section]:
+    return [
+        overview(inputs),
+        funnel_section(inputs),
+        agreement_section(inputs),
+        tokens_section(inputs),
+        failures_section(inputs),
+        samples_section(inputs),
+        safety_section(inputs),
     ]
 
 
