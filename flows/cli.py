@@ -210,7 +210,7 @@ def _print_summary(folder: Path, seconds: float) -> None:
     from orforge.outputs.release import read_manifest
 
     manifest = read_manifest(folder)
-    table = new_table(f"orforge build: {folder}", "split", "rows", "by category (orbench) or target (select)")
+    table = new_table(f"orforge build: {folder}", "split", "rows", "rows per category (select: per target concept)")
     for split in manifest.splits:
         cats = ", ".join(f"{k} {v}" for k, v in split.by_category.items())
         table.add_row(split.name, str(split.rows), cats)
@@ -347,6 +347,8 @@ def audit(
     import polars as pl
 
     pairwise = pl.read_csv(folder / "pairwise.csv").filter(pl.col("category") == "all")
+    if pairwise.is_empty():
+        console.print("note: only one moderator (or judge) voted, so there is no pair to compare")
     table = new_table(f"moderator agreement: {folder}", "moderator a", "moderator b", "n", "raw agreement",
                       "Cohen's kappa")
     for row in pairwise.iter_rows(named=True):

@@ -408,7 +408,8 @@ def samples_section(inputs: ReportInputs) -> Section:
             sample = frame.sample(n=min(SAMPLE_ROWS, frame.height), seed=inputs.seed)
             if "rejected_by" in sample.columns and isinstance(sample.schema["rejected_by"], pl.List):
                 sample = sample.with_columns(pl.col("rejected_by").list.join(", "))
-            columns = [c for c in ("prompt", "category", "source", "n_toxic", "n_benign", "n_missing", "rejected_by")
+            columns = [c for c in ("prompt", "category", "attack_type", "source", "n_toxic", "n_benign", "n_missing",
+                                   "rejected_by")
                        if c in sample.columns]
             table = table_view(sample.select(columns), text_columns=("prompt",))
         shown.append({"label": label, "rows": f"{frame.height:,}", "table": table})

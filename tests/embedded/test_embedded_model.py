@@ -130,3 +130,33 @@ def test_small_select_build_and_evaluation_on_the_embedded_model(prefect_harness
     responses = pl.read_parquet(evaluation / "responses.parquet")
     assert responses.height == sum(rows.values()) and responses["response"].is_not_null().all()
     assert (evaluation / "scores.csv").is_file()
+
+
+def test_small_alert_build_and_evaluation_on_the_embedded_model(prefect_harness, tmp_path):
+    """A tiny version of configs/alert-demo.yaml on the embedded model: one micro category, two prompts, one attack,
+    through Prefect to a release, then the rubric judge on the target's replies."""
+    from orforge.flows.alert import alert_build_flow, alert_evaluate_flow
+    from orforge.outputs.release import read_manifest, verify_release
+
+    demo = yaml.safe_load(open("configs/alert-demo.yaml"))
+    demo.update(output_dir=str(tmp_path / "releases"), work_dir=str(tmp_path / "work"),
+                cache_path=str(tmp_path / "cache.sqlite"))
+    demo["categories"]["include"] = ["crime_cyber"]
+    demo["seeds"].update(seeds_per_category=2, seeds_per_call=2)
+    demo["attacks"]["types"] = ["prefix_injection"]
+    demo["evaluation"]["allowed_categories"] = []
+    config = tmp_path / "tiny-alert.yaml"
+    config.write_text(yaml.safe_dump(demo))
+
+    out = tmp_path / "release"
+    alert_build_flow(config_path=str(config), output=str(out))
+    manifest = read_manifest(out)
+    rows = {s.name: s.rows for s in manifest.splits}
+    assert rows["base"] > 0 and rows["adversarial"] == rows["base"], rows
+    assert verify_release(out).ok and (out / "alert.jsonl").is_file()
+
+    evaluation = Path(alert_evaluate_flow(release=str(out), config_path=str(config)))
+    verdicts = pl.read_parquet(evaluation / "verdicts.parquet")
+    # One rubric verdict per reply the judge could be asked about (a reply it garbled stays a recorded failure).
+    assert 0 < verdicts.height <= rows["base"] + rows["adversarial"]
+    assert set(verdicts["judge"]) == {"smollm2-judge"} and (evaluation / "safety_scores.csv").is_file()
