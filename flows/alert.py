@@ -28,19 +28,35 @@ from orforge.core.taxonomy import load_keyword_rules, load_taxonomy
 from orforge.dedup.embed import Embedder
 from orforge.dedup.near import dedup as near_dedup
 from orforge.flows.build import BuildContext, seeds_task
-from orforge.flows.common import TASK_OPTS, collect, new_folder, release_folder, require_some, run_shard, shards
-from orforge.flows.common import tokens_by_role
+from orforge.flows.common import (
+    TASK_OPTS,
+    EvaluateInputError,
+    collect,
+    new_folder,
+    release_folder,
+    require_some,
+    run_shard,
+    shards,
+    tokens_by_role,
+)
 from orforge.flows.progress import reporter
 from orforge.flows.prompt_files import ingest_prompt_file
 from orforge.generators import topup as topup_stage
-from orforge.generators.attacks import VARIANTS, augment
+from orforge.generators.attacks import augment
 from orforge.generators.ingest import harmful_prompt_id
 from orforge.llm.hub import LLMHub
 from orforge.llm.types import LLMRequest
 from orforge.moderators import categorize as categorize_stage
 from orforge.moderators.safety import SafetyJudge, combine_safety_verdicts, judge_safety, safety_votes
-from orforge.outputs.alert_export import ALERT_ADVERSARIAL_FILE, ALERT_BASE_FILE, DPO_FILE, ALERT_LAYOUT
-from orforge.outputs.alert_export import alert_jsonl, dpo_jsonl, dpo_pairs
+from orforge.outputs.alert_export import (
+    ALERT_ADVERSARIAL_FILE,
+    ALERT_BASE_FILE,
+    ALERT_LAYOUT,
+    DPO_FILE,
+    alert_jsonl,
+    dpo_jsonl,
+    dpo_pairs,
+)
 from orforge.outputs.atomic import atomic_folder, write_bytes, write_csv, write_parquet, write_text
 from orforge.outputs.release import ManifestInfo, write_release
 from orforge.outputs.report import write_report
@@ -189,10 +205,6 @@ def alert_build_flow(config_path: str, output: str | None = None) -> str:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-class EvaluateInputError(ValueError):
-    """The release cannot be evaluated with this config."""
-
-
 @task(name="safety-eval", task_run_name="{target}-{shard}", **TASK_OPTS)
 def safety_task(ctx: BuildContext, prompts: pl.DataFrame, spec, target: str, shard: int, progress) -> StageResult:
     """One target answers a shard of prompts; every judge classifies every reply. Records: the judges' verdicts,

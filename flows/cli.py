@@ -269,17 +269,24 @@ def evaluate(
     console.print(f"plots: {folder / 'scatter.png'}, {folder / 'categories.png'}; report: {release / 'report.html'}")
 
 
-def _evaluate_select(release: Path, config: Path, cfg) -> None:
-    import polars as pl
-
-    from orforge.flows.select import EvaluateInputError, load_release_for_evaluation, select_evaluate_flow
+def _check_readable(release: Path, read) -> None:
+    """Exit 2 with one line, before any model is called, when `read(release)` cannot read what evaluate needs."""
+    from orforge.flows.common import EvaluateInputError
 
     try:
-        load_release_for_evaluation(release)
+        read(release)
     except EvaluateInputError as e:
         fail(str(e), 2)
     except Exception as e:  # noqa: BLE001 - a damaged release file is bad input, not a crash
         fail(f"--release {release}: cannot read it: {describe(e)}", 2)
+
+
+def _evaluate_select(release: Path, config: Path, cfg) -> None:
+    import polars as pl
+
+    from orforge.flows.select import load_release_for_evaluation, select_evaluate_flow
+
+    _check_readable(release, load_release_for_evaluation)
     folder = Path(run_flow("evaluate", select_evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
                            config_path=str(config)))
     scores = pl.read_csv(folder / "scores.csv")
@@ -302,16 +309,11 @@ def _evaluate_select(release: Path, config: Path, cfg) -> None:
 def _evaluate_alert(release: Path, config: Path, cfg) -> None:
     import polars as pl
 
-    from orforge.flows.alert import EvaluateInputError, alert_evaluate_flow, load_release_prompts
+    from orforge.flows.alert import alert_evaluate_flow, load_release_prompts
 
     if cfg.evaluation is None:
         fail(f"{config}: evaluation: name the safety judges (evaluation.judges) to score an ALERT release", 2)
-    try:
-        load_release_prompts(release)
-    except EvaluateInputError as e:
-        fail(str(e), 2)
-    except Exception as e:  # noqa: BLE001 - a damaged release file is bad input, not a crash
-        fail(f"--release {release}: cannot read it: {describe(e)}", 2)
+    _check_readable(release, load_release_prompts)
     folder = Path(run_flow("evaluate", alert_evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
                            config_path=str(config)))
     scores = pl.read_csv(folder / "safety_scores.csv")

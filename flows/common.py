@@ -148,6 +148,11 @@ def start_temporary_server_outside_terminal_group() -> None:
         server_module.subprocess = subprocess
 
 
+class EvaluateInputError(ValueError):
+    """A release cannot be evaluated with this config (wrong kind of release, missing or unreadable files, no
+    targets): exit code 2, nothing written."""
+
+
 # -- running stages as stored shards --------------------------------------------------------------------------------
 TASK_OPTS = dict(cache_policy=NO_CACHE, persist_result=False, retries=0)
 

@@ -16,16 +16,13 @@ from prefect import flow
 from orforge.core.categories import resolve_categories
 from orforge.core.config import BuildConfig, load_config
 from orforge.flows.build import BuildContext, answer_all
+from orforge.flows.common import EvaluateInputError
 from orforge.flows.common import new_folder
 from orforge.llm.hub import LLMHub
 from orforge.outputs.atomic import atomic_folder, write_csv, write_parquet
 from orforge.outputs.report import write_report
 from orforge.outputs.scoring import category_plot, scatter_plot, score, scoring_frame
 from orforge.outputs.splits import balanced_sample
-
-
-class EvaluateInputError(ValueError):
-    """The release or the config cannot be evaluated (exit code 2)."""
 
 
 def load_splits(release: Path, benign_sample: int | None, seed: int) -> dict[str, pl.DataFrame]:

@@ -20,20 +20,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import polars as pl
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from orforge.core.categories import resolve_categories
 from orforge.core.config import BuildConfig, load_config, stable_hash
-from orforge.core.records import CANDIDATES, SEEDS, empty
-from orforge.flows.build import BuildContext, build, rewrites_task, seeds_task, shards
+from orforge.flows.build import build
 from orforge.flows.common import RELEASE_NAME, next_release_folder
-from orforge.llm.hub import LLMHub
-from orforge.outputs.atomic import write_parquet
 from orforge.outputs.diff import diff_markdown, diff_releases, write_diff
 from orforge.outputs.release import MANIFEST
-from orforge.outputs.splits import PUBLISHED_SPLITS
 
 log = logging.getLogger("orforge.schedule")
 

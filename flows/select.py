@@ -31,6 +31,7 @@ from orforge.dedup.concepts import dedup_within, flag_leaks
 from orforge.dedup.embed import Embedder
 from orforge.flows.common import (
     TASK_OPTS,
+    EvaluateInputError,
     RunContext,
     collect,
     new_folder,
@@ -48,7 +49,7 @@ from orforge.llm.hub import LLMHub
 from orforge.llm.types import LLMRequest
 from orforge.moderators.abstention import classify_abstentions
 from orforge.outputs.abstention_scoring import distance_chart, score_abstention, summary_wide, technique_scatter
-from orforge.outputs.atomic import atomic_folder, write_bytes, write_csv, write_parquet, write_text
+from orforge.outputs.atomic import atomic_folder, write_bytes, write_csv, write_parquet
 from orforge.outputs.concept_splits import SPLIT_NAMES, assemble_select_splits, select_funnel
 from orforge.outputs.release import ManifestInfo, write_release
 from orforge.outputs.report import write_report
@@ -287,10 +288,6 @@ def evaluation_task(ctx: RunContext, rows: pl.DataFrame, spec, target: str, tech
            evaluation.fewshot_k, evaluation.detector, evaluation.judge.records_key() if evaluation.judge else None,
            train_questions["question_id"].to_list(), sorted(answers.items())]
     return run_shard(ctx, "abstention-eval", key, compute, progress, rows.height)
-
-
-class EvaluateInputError(ValueError):
-    """The release cannot be evaluated with this config (wrong recipe, no targets, missing files)."""
 
 
 def load_release_for_evaluation(release: Path) -> tuple[ConceptTree, pl.DataFrame, pl.DataFrame, dict[str, str]]:
