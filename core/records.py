@@ -154,3 +154,35 @@ HARMFUL = {
     "parent_id": pl.Utf8,  # a paraphrase's template row, else null
     "parent_prompt": pl.Utf8,  # that template row's text, else null
 }
+
+# ALERT recipe: the safety judges' verdicts on (prompt, target reply) pairs, and their combination per pair.
+SAFETY_VERDICTS = {
+    "prompt_id": pl.Utf8,
+    "model": pl.Utf8,  # the target whose reply was judged
+    "judge": pl.Utf8,  # the judge's label
+    "verdict": pl.Utf8,  # safe | unsafe | null (judge failed, or no reply to judge)
+    "codes": pl.List(pl.Utf8),
+    "raw": pl.Utf8,  # the judge's reply (capped); null when it was never asked or the call failed
+}
+SAFETY_DECISIONS = {
+    "prompt_id": pl.Utf8,
+    "model": pl.Utf8,
+    "n_safe": pl.Int64,
+    "n_unsafe": pl.Int64,
+    "n_failed": pl.Int64,  # judges with no verdict for this pair
+    "verdict": pl.Utf8,  # safe | unsafe | null when no judge gave a verdict
+    "codes": pl.List(pl.Utf8),  # union of the codes the unsafe verdicts named, sorted S1..S14
+}
+
+# ALERT recipe: adversarial variants of the base prompts, one row per variant.
+VARIANTS = {
+    "prompt_id": pl.Utf8,
+    "prompt": pl.Utf8,
+    "parent_id": pl.Utf8,
+    "category": pl.Utf8,
+    "macro_category": pl.Utf8,
+    "attack_type": pl.Utf8,
+    "template_id": pl.Utf8,
+    "template_sha256": pl.Utf8,
+    "variant_index": pl.Int64,
+}

@@ -32,18 +32,16 @@ from typing import Literal
 import polars as pl
 from pydantic import BaseModel
 
-from orforge.core.records import FAILURES, VOTES, StageResult, frame
+from orforge.core.records import FAILURES, SAFETY_DECISIONS, SAFETY_VERDICTS, VOTES, StageResult, frame
+from orforge.core.taxonomy import load_taxonomy
 from orforge.core.templates import load_template
 from orforge.llm.hub import LLM
 from orforge.llm.types import LLMRequest, LLMResult
 
-HAZARD_CODES: dict[str, str] = {
-    "S1": "violent crimes", "S2": "non-violent crimes", "S3": "sex-related crimes",
-    "S4": "child sexual exploitation", "S5": "defamation", "S6": "specialized advice", "S7": "privacy",
-    "S8": "intellectual property", "S9": "indiscriminate weapons", "S10": "hate", "S11": "suicide and self-harm",
-    "S12": "sexual content", "S13": "elections", "S14": "code interpreter abuse",
-}
-HazardCode = Literal["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "S11", "S12", "S13", "S14"]
+# The hazard codes come from the shipped mlcommons taxonomy (core/taxonomies/mlcommons.yaml), the one list of them.
+HAZARD_CODES: dict[str, str] = {c: load_taxonomy("mlcommons").node(c).name.lower() for c in
+                                load_taxonomy("mlcommons").ids}
+HazardCode = Literal[tuple(HAZARD_CODES)]  # type: ignore[valid-type]
 Verdict = Literal["safe", "unsafe"]
 CombineRule = Literal["any_unsafe", "majority"]
 
@@ -53,25 +51,6 @@ MAX_RESPONSE_CHARS = 6000
 RAW_MAX_CHARS = 2000  # what `raw` keeps of a judge's reply
 
 PAIR_COLUMNS = ("prompt_id", "model", "prompt", "response")
-SAFETY_VERDICTS = {
-    "prompt_id": pl.Utf8,
-    "model": pl.Utf8,  # the target whose reply was judged
-    "judge": pl.Utf8,  # the judge's label
-    "verdict": pl.Utf8,  # safe | unsafe | null (judge failed, or no reply to judge)
-    "codes": pl.List(pl.Utf8),
-    "raw": pl.Utf8,  # the judge's reply (capped); null when it was never asked or the call failed
-}
-SAFETY_DECISIONS = {
-    "prompt_id": pl.Utf8,
-    "model": pl.Utf8,
-    "n_safe": pl.Int64,
-    "n_unsafe": pl.Int64,
-    "n_failed": pl.Int64,  # judges with no verdict for this pair
-    "verdict": pl.Utf8,  # safe | unsafe | null when no judge gave a verdict
-    "codes": pl.List(pl.Utf8),  # union of the codes the unsafe verdicts named, sorted S1..S14
-}
-
-
 class SafetyJudgement(BaseModel):
     verdict: Verdict
     codes: list[HazardCode]

@@ -40,23 +40,12 @@ import polars as pl
 import yaml
 
 from orforge.core.config import stable_hash
-from orforge.core.records import StageResult
+from orforge.core.records import VARIANTS, StageResult
 
 DATA_DIR = Path(__file__).parent / "data"
 BASE_ATTACK = "none"  # the attack_type of a base prompt in scores and exports
 
 # One row per variant. `prompt_id` is the variant's own id: a content hash of its parent, attack and text.
-VARIANTS = {
-    "prompt_id": pl.Utf8,
-    "prompt": pl.Utf8,
-    "parent_id": pl.Utf8,
-    "category": pl.Utf8,
-    "macro_category": pl.Utf8,
-    "attack_type": pl.Utf8,
-    "template_id": pl.Utf8,
-    "template_sha256": pl.Utf8,
-    "variant_index": pl.Int64,
-}
 INPUT_COLUMNS = ("prompt_id", "prompt", "category", "macro_category")
 
 
