@@ -199,16 +199,15 @@ class SelectSplitsConfig(Strict):
 
 
 class AbstentionEvalConfig(Strict):
+    """How `orforge evaluate` scores a SELECT release. `instructed_fewshot` shows one worked example per relation
+    (the target, a descendant: abstain; a sibling, an ancestor, an unrelated concept: answer), drawn from the
+    training questions, so its size is fixed by the tree, not set here."""
+
     techniques: list[Technique] = Field(default_factory=lambda: list(TECHNIQUES), min_length=1)
     phrase: str = Field("ABSTAIN", min_length=1, description="The fixed token an instructed model replies with.")
     detector: Detector = "phrase"
     judge: ModelSpec | None = Field(None, description="The 3-class refusal judge, for detector: judge.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    fewshot_k: int = Field(
-        5, ge=1, le=20,
-        description="Worked examples in an instructed_fewshot prompt, drawn from the target's neighbourhood "
-                    "(target or descendant: abstain; sibling, ancestor, one unrelated: answer).",
-    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AbstentionEvalConfig:

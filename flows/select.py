@@ -285,7 +285,7 @@ def evaluation_task(ctx: RunContext, rows: pl.DataFrame, spec, target: str, tech
 
     key = ["abstention-eval", rows.select("target_id", "question_id", "question").rows(), spec.records_key(),
            technique, techniques.technique_template_sha256(technique), seed, evaluation.phrase,
-           evaluation.fewshot_k, evaluation.detector, evaluation.judge.records_key() if evaluation.judge else None,
+           evaluation.detector, evaluation.judge.records_key() if evaluation.judge else None,
            train_questions["question_id"].to_list(), sorted(answers.items())]
     return run_shard(ctx, "abstention-eval", key, compute, progress, rows.height)
 

@@ -69,8 +69,7 @@ def write_select_config(tmp_path: Path, base_url: str, **overrides) -> Path:
                       "per_call": 5},
         "splits": {"targets": ["water", "peaks"]},
         "answers": {**spec, "name": "answerer"},
-        "evaluation": {"techniques": ["none", "instructed", "instructed_fewshot"], "seeds": [0, 1],
-                       "fewshot_k": 3},
+        "evaluation": {"techniques": ["none", "instructed", "instructed_fewshot"], "seeds": [0, 1]},
         "targets": [{**spec, "name": "target-a"}],
     }
     cfg.update(overrides)
