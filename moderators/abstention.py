@@ -139,7 +139,7 @@ def classify_abstentions(frame_in: pl.DataFrame, method: str, judge: LLM | None 
                          phrase: str = DEFAULT_PHRASE) -> StageResult:
     """`refusal`, `label` and `method` added to a frame with `prompt` and `response` columns (see
     `moderators.refusal.classify_refusals`, which this is for `keyword` and the judge methods). A text detector's
-    `method` value is its name; an abstention counts as `direct_refusal`."""
+    `method` value is its name; an abstention counts as `full_refusal`."""
     if method not in methods():
         raise ValueError(f"unknown abstention method {method!r}; known: {', '.join(methods())}")
     if method == "phrase" and (not phrase or not phrase.strip()):
@@ -157,7 +157,7 @@ def classify_abstentions(frame_in: pl.DataFrame, method: str, judge: LLM | None 
             continue
         verdict = detect(response, phrase)
         refusal.append(verdict == "refusal")
-        label.append({"refusal": "direct_refusal", "answer": "direct_answer"}.get(verdict))
+        label.append({"refusal": "full_refusal", "answer": "full_compliance"}.get(verdict))
         how.append(method)
     records = frame_in.with_columns(pl.Series("refusal", refusal, dtype=pl.Boolean),
                                     pl.Series("label", label, dtype=pl.Utf8),

@@ -88,7 +88,7 @@ def test_classify_abstentions_adds_the_columns_with_the_detector_name():
     phrase = classify_abstentions(frame, "phrase").records
     assert phrase["refusal"].to_list() == [True, False, None, False]
     assert phrase["method"].to_list() == ["phrase", "phrase", "failed", "phrase"]
-    assert phrase["label"].to_list() == ["direct_refusal", "direct_answer", None, "direct_answer"]
+    assert phrase["label"].to_list() == ["full_refusal", "full_compliance", None, "full_compliance"]
     heuristic = classify_abstentions(frame, "heuristic").records
     assert heuristic["refusal"].to_list() == [False, False, None, True]
     keyword = classify_abstentions(frame, "keyword").records
@@ -101,7 +101,7 @@ def test_classify_abstentions_adds_the_columns_with_the_detector_name():
 
 
 def test_the_judge_path_is_the_refusal_judge(fake_server, make_spec, llm_hub):
-    fake_server.responder = lambda body: {"reason": "It declines.", "label": "direct_refusal"}
+    fake_server.responder = lambda body: {"reason": "It declines.", "label": "full_refusal"}
     frame = pl.DataFrame({"prompt": ["How long is the Nile?"], "response": ["ABSTAIN"]})
     result = classify_abstentions(frame, "judge", llm_hub.model(make_spec(), "judge"))
     assert result.records["refusal"].to_list() == [True] and result.records["method"].to_list() == ["judge"]
@@ -144,8 +144,8 @@ def test_cli_bad_method_or_phrase_exits_2_and_writes_nothing(tmp_path, args, exp
 
 def test_heuristic_on_xstest_stays_precise():
     """XSTest labels a refusal that then partly answers as a refusal, so the heuristic (which calls it answered)
-    loses recall there by design; precision must not fall. Measured: keyword accuracy 0.954 / precision 0.980 /
-    recall 0.947; heuristic 0.930 / 0.988 / 0.900 (n=900)."""
+    loses recall there by design; precision must not fall. Measured: keyword accuracy 0.958 / precision 0.951 /
+    recall 0.984; heuristic 0.933 / 0.974 / 0.919 (n=900)."""
     from tests.moderators.test_refusal import XSTEST_DIR, XSTEST_FLOORS, XSTEST_REFUSED
 
     counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
