@@ -1,15 +1,22 @@
-"""How near-duplicate removal scales: dedup time and peak memory at 10K / 50K / 100K prompts, and encode time.
+"""How near-duplicate removal scales: exact vs approximate (IVF) search at 10K / 50K / 100K / 1M prompts, their
+agreement, and encode time.
 
-    .venv/bin/python benchmarks/dedup_scaling.py [--sizes 10000 50000 100000] [--encode-texts 2000]
+    .venv/bin/python benchmarks/dedup_scaling.py [--sizes 10000 50000 100000] [--methods exact ivf naive]
+    .venv/bin/python benchmarks/dedup_scaling.py --sizes 1000000 --methods ivf --skip-encode
 
-Dedup runs on synthetic unit vectors (384-d, like all-MiniLM-L6-v2) with 5% planted near-duplicates, so it
-measures the search alone. Each measurement runs in a fresh process so its peak RSS is its own. Two methods on
-the same data:
-  faiss  dedup.near.dedup: incremental faiss IndexFlatIP over kept vectors, greedy keep-first (what ships)
+Dedup runs on synthetic unit vectors (384-d, like all-MiniLM-L6-v2) with 5% planted near-duplicates (noisy copies,
+cosine ~0.95-0.995 with a row of the first half), so it measures the search alone (encoding excluded). Each
+measurement runs in a fresh process so its peak RSS is its own. Methods on the same data:
+  exact  dedup.near.dedup(index="exact"): incremental faiss IndexFlatIP over kept vectors, greedy keep-first
+  ivf    dedup.near.dedup(index="ivf"): the same greedy pass over a faiss IndexIVFFlat of kept vectors
   naive  numpy all pairs: blockwise X[block] @ X[:end].T, every pair j < i at or above the threshold collected,
-         then one greedy pass in order
-Encode time is measured on real MiniLM over synthetic prompt-like sentences and extrapolated linearly; it is
-labelled as such. Numbers are printed, never asserted.
+         then one greedy pass in order (a reference for exact)
+Recall, printed per size: `planted` = share of planted copies dropped; with exact in the run, `drop recall` = share
+of exact's drops that ivf also makes and `extra` = rows ivf drops that exact keeps; without exact (1M),
+`sampled miss` = share of 2,000 evenly spaced rows ivf kept that have an earlier kept row at or above the threshold
+(exact search against ivf's kept rows), i.e. missed drop decisions. Encode time is measured on real MiniLM over
+synthetic prompt-like sentences and extrapolated linearly; it is labelled as such. Numbers are printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ PLANTED_SHARE = 0.05
 # -- data -----------------------------------------------------------------------------------------------------
 
 
-def synthetic_vectors(n: int, seed: int = 0) -> tuple[np.ndarray, int]:
+def synthetic_vectors(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random unit vectors; 5% of rows (after the first half) are noisy copies (cos ~0.95-0.995) of earlier rows."""
     rng = np.random.default_rng(seed)
     vectors = np.empty((n, DIM), dtype=np.float32)
@@ -51,7 +58,7 @@ def synthetic_vectors(n: int, seed: int = 0) -> tuple[np.ndarray, int]:
     noise = rng.uniform(0.005, 0.016, (planted, 1)).astype(np.float32)
     copies = vectors[sources] + noise * rng.standard_normal((planted, DIM), dtype=np.float32)
     vectors[targets] = copies / np.linalg.norm(copies, axis=1, keepdims=True)
-    return vectors, planted
+    return vectors, np.sort(targets)
 
 
 def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -124,7 +131,7 @@ def naive_dedup(vectors: np.ndarray, threshold: float, block: int = 1024, column
     return kept
 
 
-def run_case(method: str, data: Path, threshold: float) -> dict:
+def run_case(method: str, data: Path, threshold: float, out: Path) -> dict:
     import faiss
     import polars as pl
 
@@ -135,11 +142,15 @@ def run_case(method: str, data: Path, threshold: float) -> dict:
     baseline = rss_mb()
     cpu_started = cpu_seconds()
     started = time.perf_counter()
-    if method == "faiss":
-        kept = dedup(records, vectors, threshold).records.get_column("kept").to_numpy()
-    else:
+    index = {}
+    if method == "naive":
         kept = naive_dedup(vectors, threshold)
+    else:
+        result = dedup(records, vectors, threshold, index=method)
+        kept = result.records.get_column("kept").to_numpy()
+        index = result.notes["index"]
     seconds = time.perf_counter() - started
+    np.save(out, kept)
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds() - cpu_started,
@@ -149,7 +160,24 @@ def run_case(method: str, data: Path, threshold: float) -> dict:
         "kept_sha": hashlib.sha256(np.packbits(kept).tobytes()).hexdigest()[:12],
         "threads": faiss.omp_get_max_threads(),
         "batch_size": DEFAULT_BATCH_SIZE,
+        "index": index,
     }
+
+
+def sampled_miss(vectors: np.ndarray, kept: np.ndarray, threshold: float, samples: int = 2000) -> float:
+    """Share of evenly spaced kept rows with an earlier kept row at or above the threshold (exact search)."""
+    import faiss
+
+    from orforge.dedup.near import SIMILARITY_TOLERANCE
+
+    kept_rows = np.flatnonzero(kept)
+    picks = kept_rows[np.linspace(0, kept_rows.size - 1, min(samples, kept_rows.size)).astype(np.int64)]
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors[kept_rows]))
+    sims, found = index.search(np.ascontiguousarray(vectors[picks]), 8)
+    cutoff = threshold - SIMILARITY_TOLERANCE
+    earlier = kept_rows[np.clip(found, 0, None)] < picks[:, None]
+    return float(((sims >= cutoff) & earlier & (found >= 0)).any(axis=1).mean())
 
 
 def run_encode(n_texts: int) -> dict:
@@ -218,56 +246,78 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
+    parser.add_argument("--methods", nargs="+", default=["exact", "ivf", "naive"], choices=["exact", "ivf", "naive"])
     parser.add_argument("--threshold", type=float, default=0.90)
     parser.add_argument("--encode-texts", type=int, default=2000)
-    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip-encode", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.case == "encode":
         print(json.dumps(run_encode(args.encode_texts)))
         return
     if args.case:
-        print(json.dumps(run_case(args.case, Path(args.data), args.threshold)))
+        print(json.dumps(run_case(args.case, Path(args.data), args.threshold, Path(args.out))))
         return
 
     print(f"machine: {machine()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"threshold {args.threshold}; synthetic 384-d unit vectors, {PLANTED_SHARE:.0%} planted near-duplicates; "
           "dedup time excludes encoding; peak = peak RSS of a fresh process, work = peak minus RSS after loading "
           "the vectors (input alone: n x 1.5 KB); cpu s = user+sys of all threads (wall x cores when nothing "
           "else runs)\n")
 
-    enc = in_child("--case", "encode", "--encode-texts", str(args.encode_texts))
-    rate = enc["texts"] / enc["encode_seconds"]
-
-    methods = ["faiss"] + ([] if args.skip_naive else ["naive"])
+    methods = args.methods
     header = f"{'prompts':>8} {'planted':>7} | " + " | ".join(
-        f"{m + ' s':>8} {'cpu s':>6} {'dropped':>7} {'peak MB':>7} {'work MB':>7}" for m in methods
-    ) + f" | {'agree':>5} | {'encode s (extrapolated)':>23}"
+        f"{m + ' s':>8} {'cpu s':>6} {'dropped':>7} {'peak MB':>7} {'work MB':>7} {'planted':>7}" for m in methods
+    ) + f" | {'ivf vs exact':>24}"
     print(header)
     print("-" * len(header))
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            vectors, planted = synthetic_vectors(n)
+            vectors, planted_rows = synthetic_vectors(n)
             path = Path(tmp) / f"vectors_{n}.npy"
             np.save(path, vectors)
-            del vectors
-            results = {m: in_child("--case", m, "--data", str(path), "--threshold", str(args.threshold))
-                       for m in methods}
+            results, kept = {}, {}
+            for m in methods:
+                out = Path(tmp) / f"kept_{m}.npy"
+                results[m] = in_child("--case", m, "--data", str(path), "--threshold", str(args.threshold),
+                                      "--out", str(out))
+                kept[m] = np.load(out)
             cells = [f"{r['seconds']:8.2f} {r['cpu_seconds']:6.1f} {r['dropped']:7d} {r['peak_rss_mb']:7.0f} "
-                     f"{r['peak_rss_mb'] - r['baseline_rss_mb']:7.0f}" for r in results.values()]
-            agree = "yes" if len({r["kept_sha"] for r in results.values()}) == 1 else "NO"
-            print(f"{n:8d} {planted:7d} | " + " | ".join(cells) + f" | {agree:>5} | {n / rate:23.0f}", flush=True)
+                     f"{r['peak_rss_mb'] - r['baseline_rss_mb']:7.0f} {(~kept[m][planted_rows]).mean():7.4f}"
+                     for m, r in results.items()]
+            if "ivf" in kept and "exact" in kept:
+                exact_drops, ivf_drops = ~kept["exact"], ~kept["ivf"]
+                versus = (f"drop recall {(exact_drops & ivf_drops).sum() / max(exact_drops.sum(), 1):.4f}, "
+                          f"extra {int((ivf_drops & ~exact_drops).sum())}")
+            elif "ivf" in kept:
+                versus = f"sampled miss {sampled_miss(vectors, kept['ivf'], args.threshold):.4f}"
+            else:
+                versus = "-"
+            if "naive" in kept and "exact" in kept and not np.array_equal(kept["naive"], kept["exact"]):
+                versus += " (naive and exact DISAGREE)"
+            print(f"{n:8d} {len(planted_rows):7d} | " + " | ".join(cells) + f" | {versus:>24}"
+                  f"   load {os.getloadavg()[0]:.2f}", flush=True)
+            del vectors
             path.unlink()
 
-    faiss_info = results["faiss"]
-    print(f"\nfaiss: batch_size {faiss_info['batch_size']}, {faiss_info['threads']} OpenMP threads.")
+    for m, r in results.items():
+        print(f"{m}: batch_size {r['batch_size']}, {r['threads']} OpenMP threads, index {r['index'] or 'numpy'}.")
+    if args.skip_encode:
+        print(f"load average at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
+    enc = in_child("--case", "encode", "--encode-texts", str(args.encode_texts))
+    rate = enc["texts"] / enc["encode_seconds"]
     print(f"encode (MEASURED on {enc['texts']} synthetic prompt sentences, mean {enc['mean_words']:.1f} words, "
           f"real all-MiniLM-L6-v2 on CPU, {enc['torch_threads']} torch threads): model load "
           f"{enc['load_seconds']:.1f} s, {enc['encode_seconds']:.1f} s = {rate:.0f} texts/s; "
-          f"rerun from the store {enc['cached_seconds']:.2f} s; peak RSS {enc['peak_rss_mb']:.0f} MB.")
-    print("encode column above = prompts / measured rate (EXTRAPOLATED, linear; longer prompts encode slower).")
+          f"rerun from the store {enc['cached_seconds']:.2f} s; peak RSS {enc['peak_rss_mb']:.0f} MB; "
+          f"EXTRAPOLATED (linear) encode of {max(args.sizes)} prompts: {max(args.sizes) / rate:.0f} s.")
+    print(f"load average at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ModelPrice(Strict):
+    """What a model's tokens cost, per million: accounting only (`orforge plan`, the progress line, the manifest)."""
+
+    input_per_million: float = Field(ge=0.0, description="Price of one million prompt (input) tokens.")
+    output_per_million: float = Field(ge=0.0, description="Price of one million completion (output) tokens.")
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code; one currency per config.")
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
 class ModelLabel(Strict):
-    """How records name a spec. It never changes an answer, but every record a stage writes carries it."""
+    """How records name a spec and how its usage is accounted. Neither changes an answer: the name enters shard keys
+    (records carry it), the price enters no key at all."""
 
     name: str | None = Field(None, description="Label for votes, accounting and plots; defaults to `model`.")
+    price: ModelPrice | None = Field(None, description="Per-million-token prices, for cost estimates and accounting.")
 
 
 class AnswerSettings(Strict):
@@ -60,11 +73,27 @@ class ModelEndpoint(Strict):
     """Where a spec's requests go and how they travel. None of it changes an answer: moving a server, renaming the
     key's variable or raising the concurrency keeps every cached answer and stored shard."""
 
-    base_url: str | None = None
+    base_url: str | list[str] | None = Field(
+        None, description="The server's URL, or a list of URLs: replicas of one model, each with its own cap.")
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the key.")
     max_concurrency: int = Field(8, ge=1, le=4096)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(5, ge=0, le=20)
+
+
+def _check_replicas(backend: str, urls: list[str]) -> None:
+    """A `base_url` list names replicas of one model (llm/replicas.py): each URL once, and only for `openai`."""
+    if backend != "openai":
+        raise ValueError(f"base_url: a list of replica URLs needs backend 'openai', not {backend!r}")
+    if not urls:
+        raise ValueError("base_url: the list of replica URLs is empty; give one URL or several")
+    seen: set[str] = set()
+    for url in urls:
+        if not url.strip():
+            raise ValueError("base_url: a replica URL is empty")
+        if url.rstrip("/") in seen:
+            raise ValueError(f"base_url: replica {url} is listed twice")
+        seen.add(url.rstrip("/"))
 
 
 class ModelSpec(ModelEndpoint, AnswerSettings, ModelLabel):
@@ -77,6 +106,8 @@ class ModelSpec(ModelEndpoint, AnswerSettings, ModelLabel):
 
     @model_validator(mode="after")
     def _backend_rules(self) -> ModelSpec:
+        if isinstance(self.base_url, list):
+            _check_replicas(self.backend, self.base_url)
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://localhost:8000/v1)")
         if self.structured_output is None:
@@ -122,6 +153,10 @@ class ModelSpec(ModelEndpoint, AnswerSettings, ModelLabel):
         """
         return stable_hash([self.answer_key(), self.label], 32)
 
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float | None:
+        """What these tokens cost at the spec's price, or None when it has none."""
+        return self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else None
+
     def api_key(self) -> str | None:
         """The key, read from the environment at call time; never stored on the spec."""
         return os.environ[self.api_key_env] if self.api_key_env else None
@@ -156,6 +191,15 @@ class SeedsConfig(Strict):
         return self
 
 
+class SeedFileConfig(Strict):
+    """Toxic seeds you bring: a CSV, JSONL or parquet file with a prompt and a category column, used instead of
+    generated seeds (no `seeds:` section) or besides them. Categories must be ones the build has."""
+
+    path: Path
+    prompt_column: str = "prompt"
+    category_column: str = "category"
+
+
 class RewritesConfig(Strict):
     model: ModelSpec
     rewrites_per_seed: int = Field(5, ge=1, le=50)
@@ -184,6 +228,12 @@ class DedupConfig(Strict):
     threshold: float = Field(0.90, gt=0.0, le=1.0)
     against: list[Path] = Field(default_factory=list, description="Earlier release folders to dedup against.")
     batch_size: int = Field(256, ge=1, description="Texts per MiniLM encode batch (not the faiss search batch).")
+    index: Literal["auto", "exact", "ivf"] = Field(
+        "auto", description="Search for earlier kept prompts: exact, faiss IVF (approximate), or auto (exact below "
+        "50K prompts, IVF above); see dedup/near.py.")
+    encoder: Literal["torch", "onnx"] = Field(
+        "torch", description="MiniLM backend: torch (sentence-transformers fp32, the reference) or onnx (int8 "
+        "onnxruntime export, cosine >= 0.99 to torch; see docs/benchmarks.md).")
 
 
 class SplitsConfig(Strict):
@@ -223,6 +273,108 @@ class PanelConfig(Strict):
         return self
 
 
+class DiversityConfig(Strict):
+    """Diversity metrics of the published text (outputs.diversity), in the manifest, card and report."""
+
+    enabled: bool = True
+    sample: int = Field(1000, ge=2, description="At most this many prompts per split and group are measured, drawn "
+                                                "with the config's seed (Self-BLEU and the cosine are quadratic).")
+
+
+GateStage = Literal["seeds", "rewrites", "questions", "paraphrases"]
+# The quality gate's rules in the order they are tried (a rejected row names the first it failed); each is a switch
+# of QualityRules.
+QUALITY_RULES = ("punctuation_only", "placeholder", "length", "same_as_source", "instruction_echo", "language",
+                 "request_form")
+
+
+class QualityRules(Strict):
+    """The quality gate's rules for one generation stage (generators/quality.py); each can be switched off."""
+
+    punctuation_only: bool = Field(True, description="Reject rows with no letters (ellipses, numbers, punctuation).")
+    placeholder: bool = Field(True, description="Reject leftover template or placeholder text: {..}, [..], <..>, "
+                                                "(revised), (unfinished), 'Rewrite:', numbering, the template's "
+                                                "own headings, a leading or trailing ellipsis.")
+    length: bool = True
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(100, ge=1)
+    instruction_echo: bool = Field(True, description="Reject a row whose word trigrams mostly come from the prompt "
+                                                     "the model was given.")
+    echo_threshold: float = Field(0.6, gt=0.0, le=1.0, description="Share of the row's trigrams found in the prompt.")
+    same_as_source: bool = Field(True, description="Reject a rewrite or paraphrase (near) equal to the text it was "
+                                                   "made from.")
+    source_similarity: float = Field(0.85, gt=0.0, le=1.0, description="Token-set Jaccard or character ratio (of "
+                                                                       "normalized texts) at which a row is its source.")
+    language: bool = True
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1,
+                                 description="ISO 639-1 codes accepted by the language rule (py3langid).")
+    language_confidence: float = Field(0.5, ge=0.0, le=1.0, description="A row is rejected only when the detector "
+                                                                        "gives another language at least this "
+                                                                        "probability.")
+    request_form: bool = Field(True, description="Reject rows that are neither a question nor a request.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> QualityRules:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words={self.min_words} exceeds max_words={self.max_words}")
+        return self
+
+
+class QualityConfig(QualityRules):
+    """The quality gate after every generation stage: these rules for every stage, with `stages` overriding some of
+    them for one (e.g. `stages: {seeds: {request_form: false}}`). `enabled: false` turns the gate off."""
+
+    enabled: bool = True
+    stages: dict[GateStage, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _overrides_valid(self) -> QualityConfig:
+        for stage in self.stages:
+            try:
+                self.for_stage(stage)
+            except ValidationError as e:
+                raise ValueError(f"stages.{stage}: {_first_error(e)}") from None
+        return self
+
+    def for_stage(self, stage: str) -> QualityRules | None:
+        """The rules for `stage`, or None when the gate is off."""
+        if not self.enabled:
+            return None
+        base = self.model_dump(exclude={"enabled", "stages"})
+        return QualityRules.model_validate({**base, **self.stages.get(stage, {})})
+
+
+RunnerKind = Literal["threads", "dask", "ray"]
+
+
+class RunnerConfig(Strict):
+    """Where a recipe's tasks run (flows/runner.py): Prefect's thread pool in this process, or the worker processes
+    of a Dask or Ray cluster. Where tasks run never changes what is built, so it is not in `config_hash()`."""
+
+    kind: RunnerKind = "threads"
+    address: str | None = Field(None, description="An existing cluster (Dask tcp://host:8786, Ray ray://host:10001 or "
+                                                  "auto); none: a local cluster is started for the run.")
+    workers: int | None = Field(None, ge=1, le=4096, description=(
+        "threads: the thread pool's size (Prefect's default when absent). dask/ray: the cluster's worker processes "
+        "(Ray: its CPUs); each gets 1/workers of every endpoint's max_concurrency. Default for a local cluster: the "
+        "CPU count; needed with an address."))
+
+    @model_validator(mode="after")
+    def _address_rules(self) -> RunnerConfig:
+        if self.address and self.kind == "threads":
+            raise ValueError("address needs kind dask or ray (threads run in this process)")
+        if self.address and self.workers is None:
+            raise ValueError(f"workers: give the number of worker processes of the cluster at {self.address}; every "
+                             "endpoint's max_concurrency is divided among them")
+        return self
+
+    def processes(self) -> int:
+        """How many processes make model calls at once, each with its own hub: 1 for threads."""
+        if self.kind == "threads":
+            return 1
+        return self.workers or os.cpu_count() or 1
+
+
 class RecipeConfig(Strict):
     """What every recipe's config shares. A recipe (orbench, select, ...) subclasses it with its own
     `recipe: Literal[...]` tag and sections; `orforge.core.recipes` composes them into one discriminated union."""
@@ -238,6 +390,9 @@ class RecipeConfig(Strict):
     shard_size: int = Field(500, ge=1)
     refusal: RefusalConfig = Field(default_factory=RefusalConfig)
     targets: list[ModelSpec] = Field(default_factory=list, description="The models `orforge evaluate` scores.")
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     def build_specs(self) -> list[tuple[str, ModelSpec]]:
         """(role, spec) of every model a build of this recipe calls; each recipe lists its own."""
@@ -251,7 +406,11 @@ class RecipeConfig(Strict):
         return specs + [("target", m) for m in self.targets]
 
     def config_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        return hashlib.sha256(self.model_dump_json(exclude={"runner"}).encode()).hexdigest()
+
+    def price_currency(self) -> str | None:
+        """The currency of the config's prices (parse_config allows one per config), or None when nothing is priced."""
+        return next((spec.price.currency for _, spec in self.all_specs() if spec.price is not None), None)
 
 
 class BuildConfig(RecipeConfig):
@@ -259,7 +418,8 @@ class BuildConfig(RecipeConfig):
 
     recipe: Literal["orbench"] = "orbench"
     categories: CategoriesConfig = Field(default_factory=CategoriesConfig)
-    seeds: SeedsConfig
+    seeds: SeedsConfig | None = Field(None, description="Generated seeds; may be left out when `seed_file` is set.")
+    seed_file: SeedFileConfig | None = None
     rewrites: RewritesConfig
     moderation: ModerationConfig
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -269,6 +429,8 @@ class BuildConfig(RecipeConfig):
 
     @model_validator(mode="after")
     def _cross_rules(self) -> BuildConfig:
+        if self.seeds is None and self.seed_file is None:
+            raise ValueError("seeds: give a `seeds` section (generated seeds), a `seed_file`, or both")
         if self.panel is not None and self.splits.hard_min_rejections > len(self.panel.members):
             raise ValueError(
                 f"splits.hard_min_rejections={self.splits.hard_min_rejections} exceeds the panel's "
@@ -277,7 +439,8 @@ class BuildConfig(RecipeConfig):
         return self
 
     def build_specs(self) -> list[tuple[str, ModelSpec]]:
-        specs = [("seeds", self.seeds.model), ("rewrites", self.rewrites.model)]
+        specs = [("seeds", self.seeds.model)] if self.seeds is not None else []
+        specs += [("rewrites", self.rewrites.model)]
         specs += [("moderator", m) for m in self.moderation.moderators]
         if self.panel:
             specs += [("panel", m) for m in self.panel.members]
@@ -344,11 +507,22 @@ def parse_config(raw: dict, source: str, model: type[BaseModel] | TypeAdapter = 
     except ValidationError as e:
         raise ConfigError(f"{source}: {_first_error(e, tagged=isinstance(model, TypeAdapter))}") from None
     if isinstance(cfg, RecipeConfig):
+        # Costs are summed across roles, so prices in two currencies would add up to nonsense.
+        currencies = {spec.price.currency: (role, spec.label) for role, spec in cfg.all_specs() if spec.price}
+        if len(currencies) > 1:
+            (c1, (r1, l1)), (c2, (r2, l2)) = list(currencies.items())[:2]
+            raise ConfigError(f"{source}: price.currency: {r1} '{l1}' is priced in {c1} but {r2} '{l2}' in {c2}; "
+                              "use one currency per config")
         for role, spec in cfg.all_specs():
             if spec.api_key_env and spec.api_key_env not in os.environ:
                 raise ConfigError(
                     f"{source}: {role} '{spec.label}': api_key_env names {spec.api_key_env}, which is not set"
                 )
+            if spec.max_concurrency < (processes := cfg.runner.processes()):
+                # Each worker process keeps at least one request in flight: fewer than one each would exceed the cap.
+                raise ConfigError(f"{source}: runner.workers: {processes} worker processes exceed {role} "
+                                  f"'{spec.label}' max_concurrency={spec.max_concurrency}; each worker takes 1/workers "
+                                  "of it (lower runner.workers or raise max_concurrency)")
     return cfg
 
 

@@ -73,6 +73,15 @@ class SplitEntry(_Strict):
     by_category: dict[str, int] = Field(default_factory=dict)
 
 
+class QualityRejectionCount(_Strict):
+    """Generated rows of one stage and category that the quality gate rejected by one rule (generators.quality)."""
+
+    stage: str
+    category: str | None = None
+    rule: str
+    n: int
+
+
 class Counts(_Strict):
     """`funnel` is one row per category (orbench: outputs.splits.funnel) or root concept (select:
     outputs.concept_splits.select_funnel): {"<group>": ..., "<stage>": count, ...}. `votes` is None for a recipe
@@ -82,16 +91,21 @@ class Counts(_Strict):
     votes: int | None = 0
     responses: int | None = None
     dedup_dropped: int | None = None
+    # The quality gate's rejections per stage, category and rule (rows in quality_rejections.parquet); None for a
+    # release built before the gate existed.
+    quality_rejections: list[QualityRejectionCount] | None = None
 
 
 class RoleUsage(_Strict):
-    """Requests and tokens of one role. A count the run did not record is None, not zero."""
+    """Requests and tokens of one role. A count the run did not record is None, not zero. `cost` is what the
+    tokens sent cost at the config's prices (in `Manifest.currency`); None when no model of the role is priced."""
 
     requests: int | None = None
     cached: int | None = None
     failures: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cost: float | None = None
 
 
 class ModelUsage(RoleUsage):
@@ -123,6 +137,50 @@ class ParentRelease(_Strict):
     files: dict[str, FileHash] = Field(default_factory=dict)
 
 
+class DiversityRow(_Strict):
+    """The diversity of one split's group (a category or other group value, or "all"), measured on a seeded sample
+    of `sampled` of its `rows` prompts (outputs.diversity). Self-BLEU and Distinct-n are in [0, 1]; a metric that
+    needs two prompts is None for a group of one. `*_low`/`*_high` are 95% t-intervals of the per-prompt scores."""
+
+    split: str
+    by: str | None = None  # the column grouped by; None for the split as a whole
+    group: str = "all"
+    rows: int
+    sampled: int
+    self_bleu: float | None = None
+    self_bleu_low: float | None = None
+    self_bleu_high: float | None = None
+    distinct_1: float | None = None
+    distinct_2: float | None = None
+    mean_cosine: float | None = None
+    mean_cosine_low: float | None = None
+    mean_cosine_high: float | None = None
+    clusters: int | None = None
+
+
+class DiversityReference(_Strict):
+    """A published dataset's figures, shown beside a release's own (measured by their authors, not by orforge)."""
+
+    dataset: str
+    self_bleu: float | None = None
+    distinct_2: float | None = None
+    source: str
+
+
+class Diversity(_Strict):
+    """How varied the release's text is (outputs.diversity): at most `sample_size` prompts per group, drawn with
+    `seed`; `self_bleu` names the BLEU variant, `clusters` the clustering rule at `threshold`."""
+
+    sample_size: int
+    seed: int
+    threshold: float
+    self_bleu: str
+    clusters: str
+    embedding_model: str | None = None
+    rows: list[DiversityRow] = Field(default_factory=list)
+    references: list[DiversityReference] = Field(default_factory=list)
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     recipe: str = "orbench"
@@ -137,10 +195,12 @@ class Manifest(_Strict):
     counts: Counts = Field(default_factory=Counts)
     tokens: dict[str, RoleUsage] = Field(default_factory=dict)
     usage: list[ModelUsage] = Field(default_factory=list)
+    currency: str | None = Field(None, description="Currency of every `cost` (the config's prices); None: unpriced.")
     failures: FailureCounts = Field(default_factory=FailureCounts)
     notes: dict[str, Any] = Field(default_factory=dict)
     parent: ParentRelease | None = None
     libraries: Libraries = Field(default_factory=Libraries)
+    diversity: Diversity | None = None
     files: dict[str, FileHash] = Field(default_factory=dict)
 
     def split(self, name: str) -> SplitEntry | None:

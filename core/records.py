@@ -61,7 +61,7 @@ RESPONSES = {
     "model": pl.Utf8,
     "response": pl.Utf8,
     "refusal": pl.Boolean,
-    "label": pl.Utf8,  # direct_answer | direct_refusal | indirect_refusal | null when unknown
+    "label": pl.Utf8,  # full_compliance | full_refusal | partial_refusal (XSTest's classes) | null when unknown
     "method": pl.Utf8,  # keyword | judge | failed
 }
 
@@ -127,6 +127,21 @@ class StageResult:
     records: pl.DataFrame
     failures: pl.DataFrame = field(default_factory=lambda: empty(FAILURES))
     notes: dict = field(default_factory=dict)  # stage facts for the manifest, e.g. "calls budget spent"
+    # Rows the quality gate took out of `records` (QUALITY_REJECTIONS); None for a stage that is not gated.
+    rejected: pl.DataFrame | None = None
+
+
+# One row per generated text the quality gate (generators.quality.gate) rejected: where it came from, which rule
+# rejected it and why. `source` is the text it was made from (a rewrite's seed, a paraphrase's template row), if any.
+QUALITY_REJECTIONS = {
+    "stage": pl.Utf8,  # seeds | rewrites | questions | paraphrases
+    "category": pl.Utf8,  # the category (OR-Bench, ALERT) or concept id (SELECT) the row was written for
+    "id": pl.Utf8,  # the row's content-hash id (seed_id, prompt_id, question_id)
+    "text": pl.Utf8,
+    "source": pl.Utf8,
+    "rule": pl.Utf8,  # the first rule the row failed, in generators.quality.RULES order
+    "detail": pl.Utf8,
+}
 
 
 # ALERT recipe: prompts read from a user's file (generators.ingest.ingest_prompts), before categorisation.
@@ -185,4 +200,14 @@ VARIANTS = {
     "template_id": pl.Utf8,
     "template_sha256": pl.Utf8,
     "variant_index": pl.Int64,
+}
+
+# OR-Bench recipe: each benign rewrite beside the toxic seed it was written from (outputs.contrast.contrast_pairs).
+CONTRAST_PAIRS = {
+    "pair_id": pl.Utf8,  # content hash of (prompt_id, seed_id)
+    "category": pl.Utf8,
+    "prompt_id": pl.Utf8,
+    "prompt": pl.Utf8,  # the benign rewrite
+    "seed_id": pl.Utf8,
+    "seed": pl.Utf8,  # the toxic seed
 }

@@ -11,6 +11,16 @@ The result is the same for every batch size. The search is exact, so the cost is
 Similarities are computed in float32. A similarity within `SIMILARITY_TOLERANCE` below the threshold counts as
 reaching it, so two vectors built to have cosine exactly 0.9 are duplicates at threshold 0.9 however float32
 rounding lands.
+
+Approximate search (`index="ivf"`): the index of kept rows is a faiss inverted file (IndexIVFFlat, spherical k-means
+centroids trained on evenly spaced rows of the input, fixed seed) probed at `nprobe` lists. Only the search for
+earlier kept rows changes; similarities are still exact inner products and duplicates inside a batch are still
+found exactly, so every drop is a true pair at or above the threshold. What IVF can do is miss a pair whose rows
+fall in lists that are not probed: that row is kept, and (greedy) may then drop a later row exact search would have
+kept. The result is deterministic (same input, batch size and settings give the same drops whatever the thread
+count); unlike exact search it can change with the batch size. `index="auto"` uses exact search below
+`EXACT_BELOW` rows (input plus earlier releases), where it is fast, and IVF above. HNSW is not offered: faiss
+builds its graph with several threads in an order that varies run to run, so its drops would not be reproducible.
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ from orforge.core.records import DEDUP, StageResult, empty
 
 SIMILARITY_TOLERANCE = 1e-6
 DEFAULT_BATCH_SIZE = 2048  # queries per faiss search: below ~1000 faiss search runs several times slower here
+INDEX_KINDS = ("auto", "exact", "ivf")
+EXACT_BELOW = 50_000  # rows; exact search takes ~5 s at 50K and grows with n^2 (benchmarks/dedup_scaling.py)
+IVF_SEED = 1234
 
 
 def dedup(
@@ -34,14 +47,19 @@ def dedup(
     against: np.ndarray | None = None,
     against_ids: Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    index: str = "auto",
+    nprobe: int | None = None,
 ) -> StageResult:
     """One `DEDUP` row per input row, same order.
 
     `records` needs a `prompt_id` column; `embeddings[i]` is the vector of row i (normalised here if it is not
     unit length). `against` holds vectors of earlier releases' prompts and `against_ids` their prompt ids; those
     are never part of the output. `duplicate_of` names the most similar kept or earlier prompt at or above the
-    threshold, `similarity` is that cosine; both are null for kept rows.
+    threshold, `similarity` is that cosine; both are null for kept rows. `index` is "exact", "ivf" or "auto" (see
+    the module docstring); `nprobe` overrides the IVF lists probed per query.
     """
+    if index not in INDEX_KINDS:
+        raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
     if "prompt_id" not in records.columns:
         raise ValueError(f"records need a prompt_id column, got {records.columns}")
     if not 0.0 < threshold <= 1.0:
@@ -72,11 +90,18 @@ def dedup(
     cutoff = np.float32(threshold) - np.float32(SIMILARITY_TOLERANCE)
     prompt_ids = records.get_column("prompt_id").cast(pl.Utf8).to_list()
 
-    index = faiss.IndexFlatIP(dim)
+    n_total = n + len(earlier_ids)
+    kind = index if index != "auto" else ("exact" if n_total < EXACT_BELOW else "ivf")
+    if kind == "exact":
+        kept_index: _FlatKept | _IVFKept = _FlatKept(dim)
+    else:
+        kept_index = _IVFKept(_training_rows(vectors, earlier), ivf_lists(n_total), nprobe)
     # index_ids[k] is the prompt id of the k-th vector in the index: earlier releases first, then kept rows.
     index_ids: list[str] = []
     if earlier is not None and earlier.shape[0]:
-        index.add(earlier)
+        for start in range(0, earlier.shape[0], batch_size):
+            part = earlier[start : start + batch_size]
+            kept_index.add(part, kept_index.assign(part))
         index_ids.extend(earlier_ids)
     n_earlier = len(index_ids)
 
@@ -91,9 +116,9 @@ def dedup(
         size = stop - start
 
         # Against everything kept before this batch (and earlier releases).
-        if index.ntotal:
-            sims, found = index.search(batch, 1)
-            best_sim, best_at = sims[:, 0], found[:, 0]
+        lists = kept_index.assign(batch)
+        if kept_index.ntotal:
+            best_sim, best_at = kept_index.best(batch, lists)
         else:
             best_sim = np.full(size, -np.inf, dtype=np.float32)
             best_at = np.full(size, -1, dtype=np.int64)
@@ -128,7 +153,7 @@ def dedup(
         kept[start:stop] = batch_kept
         survivors = np.flatnonzero(batch_kept)
         if survivors.size:
-            index.add(np.ascontiguousarray(batch[survivors]))
+            kept_index.add(np.ascontiguousarray(batch[survivors]), kept_index.pick(lists, survivors))
             index_ids.extend(prompt_ids[start + i] for i in survivors)
 
     out = pl.DataFrame(
@@ -140,10 +165,9 @@ def dedup(
         },
         schema=DEDUP,
     )
-    return StageResult(
-        records=out,
-        notes=_notes(n, int(kept.sum()), dropped_by_earlier, threshold, n_earlier),
-    )
+    notes = _notes(n, int(kept.sum()), dropped_by_earlier, threshold, n_earlier)
+    notes["index"] = kept_index.describe()
+    return StageResult(records=out, notes=notes)
 
 
 def dedup_per_pool(
@@ -155,6 +179,7 @@ def dedup_per_pool(
     against_ids: Sequence[str] | None = None,
     against_pools: Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    index: str = "auto",
 ) -> StageResult:
     """`dedup` run separately inside each value of `records[pool_column]` (e.g. benign and toxic).
 
@@ -186,7 +211,7 @@ def dedup_per_pool(
             pool_against = np.asarray(against)[pick]
             pool_against_ids = [against_ids[k] for k in pick]
         result = dedup(
-            records[rows.tolist()], vectors[rows], threshold, pool_against, pool_against_ids, batch_size
+            records[rows.tolist()], vectors[rows], threshold, pool_against, pool_against_ids, batch_size, index
         )
         parts.append(result.records)
         positions.append(rows)
@@ -200,6 +225,102 @@ def dedup_per_pool(
     notes["kept"] = int(merged.get_column("kept").sum())
     notes["dropped"] = notes["input"] - notes["kept"]
     return StageResult(records=merged, notes=notes)
+
+
+class _FlatKept:
+    """Exact: every kept vector is compared with every query."""
+
+    def __init__(self, dim: int):
+        self.index = faiss.IndexFlatIP(dim)
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def assign(self, vectors: np.ndarray) -> None:
+        return None
+
+    def pick(self, lists: None, rows: np.ndarray) -> None:
+        return None
+
+    def best(self, queries: np.ndarray, lists: None) -> tuple[np.ndarray, np.ndarray]:
+        sims, found = self.index.search(queries, 1)
+        return sims[:, 0], found[:, 0]
+
+    def add(self, vectors: np.ndarray, lists: None) -> None:
+        self.index.add(vectors)
+
+    def describe(self) -> dict:
+        return {"kind": "exact"}
+
+
+class _IVFKept:
+    """Approximate: kept vectors sit in the inverted list of their closest centroid; a query scans its `nprobe`
+    closest lists. The coarse assignment of a batch is computed once and serves both its search and its add."""
+
+    def __init__(self, training: np.ndarray, nlist: int, nprobe: int | None):
+        size, dim = training.shape
+        self.nlist = min(nlist, size)
+        self.nprobe = min(self.nlist, nprobe if nprobe is not None else ivf_nprobe(self.nlist))
+        if self.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        self.quantizer = faiss.IndexFlatIP(dim)  # kept referenced here: the IVF index does not own it in Python
+        self.index = faiss.IndexIVFFlat(self.quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.spherical = True
+        self.index.cp.niter = 10
+        self.index.cp.seed = IVF_SEED
+        self.index.cp.max_points_per_centroid = max(1, size // self.nlist + 1)  # faiss must not subsample again
+        self.index.cp.min_points_per_centroid = 1
+        self.index.train(training)
+        self.index.nprobe = self.nprobe
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.quantizer.search(vectors, self.nprobe)
+
+    def pick(self, lists, rows: np.ndarray):
+        return lists[0][rows], lists[1][rows]
+
+    def best(self, queries: np.ndarray, lists) -> tuple[np.ndarray, np.ndarray]:
+        centroid_sims, centroid_ids = lists
+        sims, found = self.index.search_preassigned(queries, 1, centroid_ids, centroid_sims)
+        return sims[:, 0], found[:, 0]
+
+    def add(self, vectors: np.ndarray, lists) -> None:
+        closest = np.ascontiguousarray(lists[1][:, 0], dtype=np.int64)
+        start = self.index.ntotal  # ids are positions in the index, as with the flat index
+        ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
+        self.index.add_core(vectors.shape[0], faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(closest))
+
+    def describe(self) -> dict:
+        return {"kind": "ivf", "nlist": self.nlist, "nprobe": self.nprobe}
+
+
+def ivf_lists(size: int) -> int:
+    """Inverted lists for `size` vectors: a power of two near 2 x sqrt(size), 16 to 4096."""
+    return int(min(4096, max(16, 2 ** round(np.log2(2 * np.sqrt(max(size, 1)))))))
+
+
+def ivf_nprobe(nlist: int) -> int:
+    """Lists probed per query by default: 1/64 of them, at least 8 (measured recall in benchmarks/dedup_scaling.py)."""
+    return max(8, nlist // 64)
+
+
+def _training_rows(vectors: np.ndarray, earlier: np.ndarray | None, per_list: int = 32) -> np.ndarray:
+    """Evenly spaced rows of earlier releases and input together, up to `per_list` per inverted list: a sample
+    fixed by the input alone, so training is the same every run."""
+    everything_size = vectors.shape[0] + (earlier.shape[0] if earlier is not None else 0)
+    want = min(everything_size, per_list * ivf_lists(everything_size))
+    picks = np.unique(np.linspace(0, everything_size - 1, want).astype(np.int64))
+    n_earlier = everything_size - vectors.shape[0]
+    parts = []
+    if n_earlier:
+        parts.append(earlier[picks[picks < n_earlier]])
+    parts.append(vectors[picks[picks >= n_earlier] - n_earlier])
+    return np.ascontiguousarray(np.concatenate(parts))
 
 
 def _close_earlier_pairs(batch: np.ndarray, cutoff: np.float32):

@@ -18,10 +18,11 @@ from prefect import flow
 from orforge.core.categories import resolve_categories
 from orforge.core.config import BuildConfig, CategorySpec, ConfigError, parse_config
 from orforge.flows.build import run_pipeline
-from orforge.flows.common import new_folder, publish_funnel_artifact
+from orforge.flows.common import new_folder, publish_funnel_artifact, published_diversity, release_diversity
 from orforge.core.manifest import ManifestError, ParentRelease
 from orforge.outputs.release import (
     MANIFEST,
+    QUALITY_REJECTIONS_FILE,
     ManifestInfo,
     manifest_sha256,
     read_manifest,
@@ -29,6 +30,7 @@ from orforge.outputs.release import (
     verify_release,
     write_release,
 )
+from orforge.outputs.contrast import contrast_release_files
 from orforge.outputs.report import write_report
 
 
@@ -108,9 +110,14 @@ def add_categories(release: Path, new: list[CategorySpec], cfg: BuildConfig | No
                                manifest_sha256=manifest_sha256(release), config_hash=parent.config_hash,
                                files=parent.files)
     info = ManifestInfo(config=merged_cfg, funnel=funnel, tokens=result.tokens, notes=notes, name=base.name,
-                        created=started.isoformat(timespec="seconds"), parent=parent_ref)
+                        created=started.isoformat(timespec="seconds"), parent=parent_ref,
+                        diversity=release_diversity(run_cfg, published_diversity(splits), run_cfg.dedup.threshold),
+                        quality=_append(pl.read_parquet(release / QUALITY_REJECTIONS_FILE)
+                                        if (release / QUALITY_REJECTIONS_FILE).exists() else None, result.rejected))
+    pair_tables, pair_files = contrast_release_files(splits)
     write_release(folder, splits, _append(old["votes"], result.votes), _append(old["failures"], result.failures),
-                  info, responses=_append(old["responses"], result.responses), dedup=dedup)
+                  info, responses=_append(old["responses"], result.responses), dedup=dedup, tables=pair_tables,
+                  files=pair_files)
     write_report(folder)
     publish_funnel_artifact(merged_cfg, funnel, folder)
     return folder

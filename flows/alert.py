@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
-from prefect import flow, task
+from prefect import flow
 
 from orforge.core.alert_config import AlertConfig
 from orforge.core.categories import resolve_categories
@@ -29,18 +29,23 @@ from orforge.dedup.embed import Embedder
 from orforge.dedup.near import dedup as near_dedup
 from orforge.flows.build import BuildContext, seeds_task
 from orforge.flows.common import (
-    TASK_OPTS,
     EvaluateInputError,
     collect,
+    gated,
     new_folder,
+    rejections,
+    release_diversity,
     release_folder,
     require_some,
+    result_of,
     run_shard,
+    shard_task,
     shards,
     tokens_by_role,
 )
 from orforge.flows.progress import reporter
 from orforge.flows.prompt_files import ingest_prompt_file
+from orforge.generators import quality
 from orforge.generators import topup as topup_stage
 from orforge.generators.attacks import augment
 from orforge.generators.ingest import harmful_prompt_id
@@ -58,7 +63,9 @@ from orforge.outputs.alert_export import (
     dpo_pairs,
 )
 from orforge.outputs.atomic import atomic_folder, write_bytes, write_csv, write_parquet, write_text
+from orforge.outputs.diversity import Measured
 from orforge.outputs.release import ManifestInfo, write_release
+from orforge.outputs.splits import failed_gate
 from orforge.outputs.report import write_report
 from orforge.outputs.safety_scoring import (
     attack_heatmap,
@@ -82,7 +89,7 @@ def _harmful_from_seeds(seeds: pl.DataFrame, macro_of) -> pl.DataFrame:
     return frame(rows, HARMFUL)
 
 
-@task(name="categorize", task_run_name="categorize-{shard}", **TASK_OPTS)
+@shard_task(name="categorize", task_run_name="categorize-{shard}")
 def categorize_task(ctx: BuildContext, ingested: pl.DataFrame, shard: int, progress) -> StageResult:
     spec = ctx.cfg.ingest
     taxonomy = load_taxonomy(TAXONOMY)
@@ -95,7 +102,7 @@ def categorize_task(ctx: BuildContext, ingested: pl.DataFrame, shard: int, progr
         ingested, taxonomy, rules, llm, spec.min_confidence, progress), progress, ingested.height)
 
 
-@task(name="topup", **TASK_OPTS)
+@shard_task(name="topup")
 def topup_task(ctx: BuildContext, harmful: pl.DataFrame) -> StageResult:
     spec = ctx.cfg.topup
     taxonomy = load_taxonomy(TAXONOMY)
@@ -109,23 +116,29 @@ def topup_task(ctx: BuildContext, harmful: pl.DataFrame) -> StageResult:
     result = run_shard(ctx, "topup", key, lambda: topup_stage.top_up(harmful, names, templates, taxonomy,
                                                                      spec.minimum, ctx.cfg.seed, llm, prog))
     reporter().done("paraphrase")
-    return result
+    if llm is None:  # template expansions are not model text: nothing to gate
+        return result
+    told = quality.Instruction.from_template(topup_stage.load_template(topup_stage.TEMPLATE))
+    return gated(ctx, result, "paraphrases", "prompt", "prompt_id", told, source_column="parent_prompt")
 
 
-@task(name="dedup", **TASK_OPTS)
+@shard_task(name="dedup")
 def dedup_task(ctx: BuildContext, harmful: pl.DataFrame) -> StageResult:
-    key = ["dedup", harmful.select("prompt_id", "prompt").rows(), ctx.cfg.dedup.threshold]
+    spec = ctx.cfg.dedup
+    key = ["dedup", harmful.select("prompt_id", "prompt").rows(), spec.threshold, spec.index, spec.encoder]
 
     def compute() -> StageResult:
-        with Embedder(ctx.work_dir / "embeddings.sqlite", batch_size=ctx.cfg.dedup.batch_size) as embedder:
-            return near_dedup(harmful, embedder.encode(harmful["prompt"].to_list()), ctx.cfg.dedup.threshold)
+        with Embedder(ctx.work_dir / "embeddings.sqlite", batch_size=spec.batch_size, backend=spec.encoder) as embedder:
+            return near_dedup(harmful, embedder.encode(harmful["prompt"].to_list()), spec.threshold, index=spec.index)
 
     return run_shard(ctx, "dedup", key, compute)
 
 
-def harmful_set(ctx: BuildContext, cfg: AlertConfig) -> tuple[pl.DataFrame, list[pl.DataFrame], dict]:
+def harmful_set(ctx: BuildContext, cfg: AlertConfig, rejected: list[pl.DataFrame] | None = None
+                ) -> tuple[pl.DataFrame, list[pl.DataFrame], dict]:
     """The base set before dedup: generated seeds and categorised ingested prompts, topped up. (rows, failures,
-    notes)"""
+    notes); the quality gate's rejected seeds and paraphrases are appended to `rejected`."""
+    rejected = [] if rejected is None else rejected
     rep, taxonomy = reporter(), load_taxonomy(TAXONOMY)
     parts, failures, notes = [], [], {}
     if cfg.seeds is not None:
@@ -133,7 +146,7 @@ def harmful_set(ctx: BuildContext, cfg: AlertConfig) -> tuple[pl.DataFrame, list
 
         prog = rep.stage("seeds", len(ctx.categories) * seeds_stage.call_budget(cfg.seeds))
         seeds, seed_failures, seed_notes = collect([seeds_task.submit(ctx, c.name, prog) for c in ctx.categories],
-                                                   SEEDS)
+                                                   SEEDS, rejected)
         require_some("seeds", seeds.height, seed_failures)
         rep.done("seeds")
         parts.append(_harmful_from_seeds(seeds, taxonomy.macro_of))
@@ -155,15 +168,22 @@ def harmful_set(ctx: BuildContext, cfg: AlertConfig) -> tuple[pl.DataFrame, list
     if cfg.topup is not None:
         added = topup_task(ctx, harmful)
         failures.append(added.failures)
+        if added.rejected is not None:
+            rejected.append(added.rejected)
         notes["topup"] = added.notes
         harmful = pl.concat([harmful, added.records.select(list(HARMFUL))])
     return harmful, failures, notes
 
 
-def alert_funnel(harmful: pl.DataFrame, base: pl.DataFrame, adversarial: pl.DataFrame) -> pl.DataFrame:
-    """Per micro category: prompts by source, after dedup, and adversarial variants."""
+def alert_funnel(harmful: pl.DataFrame, base: pl.DataFrame, adversarial: pl.DataFrame,
+                 rejected: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Per micro category: prompts by source (model text that passed the quality gate), with `rejected` the seeds
+    and paraphrases the gate rejected, after dedup, and adversarial variants."""
     table = harmful.group_by("category").agg(
         *(pl.col("source").eq(s).sum().alias(s) for s in ("generated", "ingested", "template", "paraphrase")))
+    if rejected is not None:
+        for stage in ("seeds", "paraphrases"):
+            table = table.join(failed_gate(rejected, stage), on="category", how="full", coalesce=True)
     for name, part in (("base", base), ("adversarial", adversarial)):
         table = table.join(part.group_by("category").len(name=name), on="category", how="left")
     return table.with_columns(pl.exclude("category").fill_null(0).cast(pl.Int64)).sort("category")
@@ -176,8 +196,10 @@ def build_alert(cfg: AlertConfig, output: Path | None = None) -> Path:
     categories = resolve_categories(cfg.categories)
     with LLMHub(cfg.cache_path) as hub:
         ctx = BuildContext(cfg, hub, cfg.work_dir, categories=categories)
-        harmful, failures, notes = harmful_set(ctx, cfg)
-        deduped = dedup_task(ctx, harmful)
+        gate_rejected: list[pl.DataFrame] = []
+        harmful, failures, notes = harmful_set(ctx, cfg, gate_rejected)
+        rejected = rejections(gate_rejected)
+        deduped = result_of(dedup_task.submit(ctx, harmful))
         kept = deduped.records.filter(pl.col("kept")).select("prompt_id")
         base = harmful.join(kept, on="prompt_id", how="semi").sort("category", "prompt_id")
         variants = augment(base, cfg.attacks.types, cfg.attacks.variants_per_attack, cfg.seed)
@@ -186,9 +208,14 @@ def build_alert(cfg: AlertConfig, output: Path | None = None) -> Path:
         notes["attacks"] = variants.notes
         notes["shards"] = {"reused": ctx.shards_reused, "run": ctx.shards_run}
         usage = hub.usage_rows()
+        if replicas := hub.replica_rows():  # what each replica of a base_url list did
+            notes["replicas"] = replicas
     taxonomy = load_taxonomy(TAXONOMY)
-    info = ManifestInfo(config=cfg, funnel=alert_funnel(harmful, base, adversarial), tokens=tokens_by_role(usage),
-                        usage=usage, notes=notes, name=cfg.name, created=started.isoformat(timespec="seconds"))
+    diversity = release_diversity(cfg, [Measured("base", base), Measured("adversarial", adversarial)],
+                                  cfg.dedup.threshold)
+    info = ManifestInfo(config=cfg, funnel=alert_funnel(harmful, base, adversarial, rejected),
+                        tokens=tokens_by_role(usage), usage=usage, notes=notes, name=cfg.name,
+                        created=started.isoformat(timespec="seconds"), diversity=diversity, quality=rejected)
     files = {ALERT_BASE_FILE: alert_jsonl(base, cfg.instruction_wrapper),
              ALERT_ADVERSARIAL_FILE: alert_jsonl(adversarial, cfg.instruction_wrapper)}
     write_release(folder, {"base": base, "adversarial": adversarial}, None,
@@ -205,7 +232,7 @@ def alert_build_flow(config_path: str, output: str | None = None) -> str:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-@task(name="safety-eval", task_run_name="{target}-{shard}", **TASK_OPTS)
+@shard_task(name="safety-eval", task_run_name="{target}-{shard}")
 def safety_task(ctx: BuildContext, prompts: pl.DataFrame, spec, target: str, shard: int, progress) -> StageResult:
     """One target answers a shard of prompts; every judge classifies every reply. Records: the judges' verdicts,
     with the replies in notes-free form as a second frame stored beside them (answers)."""

@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import orforge.flows  # noqa: F401  (sets Prefect's environment defaults before prefect is imported)
-from orforge.core.config import BuildConfig, ConfigError, RecipeConfig
+from orforge.core.config import BuildConfig, ConfigError, ModelSpec, RecipeConfig
 from orforge.core.recipes import load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -80,6 +80,12 @@ def load(path: Path, recipe: str | None = None) -> RecipeConfig:
         fail(one_line(f"{path}: {e}" if not str(e).startswith(str(path)) else e), 2)
     if recipe is not None and cfg.recipe != recipe:
         fail(f"{path}: recipe {cfg.recipe!r}: this command serves the {recipe} recipe only", 2)
+    from orforge.flows.runner import RunnerError, task_runner
+
+    try:
+        task_runner(cfg.runner)  # its package is installed (nothing connects before a flow starts)
+    except RunnerError as e:
+        fail(f"{path}: runner.kind: {e}", 2)
     return cfg
 
 
@@ -175,6 +181,29 @@ def validate_config(file: Annotated[Path, typer.Argument(help="The YAML config t
 
 
 @app.command()
+def plan(config: ConfigOpt, as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")]
+         = False) -> None:
+    """Estimate a build before running it: requests and tokens per stage and role, and their cost where the config
+    gives prices. Nothing is sent, no model is started and nothing is written."""
+    import json
+
+    from orforge.flows.plan import make_plan
+    from orforge.flows.recipes import recipe
+
+    cfg = load(config)
+    try:
+        estimate = make_plan(cfg, recipe(cfg.recipe).plan)
+    except (ConfigError, ValueError) as e:  # e.g. an ingest file that cannot be read
+        fail(f"{config}: {one_line(e)}", 2)
+    if as_json:
+        print(json.dumps(estimate.as_dict(), indent=2))
+        return
+    console.print(estimate.table())
+    for note in estimate.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+
+
+@app.command()
 def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="Release folder (default: "
           "<output_dir>/<name>/<timestamp>).")] = None) -> None:
     """Build a release with the config's recipe (orbench: seeds -> rewrites -> vote -> dedup -> panel; select:
@@ -189,7 +218,10 @@ def build(config: ConfigOpt, output: Annotated[Path | None, typer.Option(help="R
     from orforge.flows.recipes import recipe
 
     started = time.monotonic()
-    folder = run_flow("build", recipe(cfg.recipe).build, run_log_file(cfg, "build"), config_path=str(config),
+    from orforge.flows.runner import with_runner
+
+    folder = run_flow("build", with_runner(recipe(cfg.recipe).build, cfg), run_log_file(cfg, "build"),
+                      config_path=str(config),
                       output=str(output) if output else None)
     _print_summary(Path(folder), time.monotonic() - started)
 
@@ -216,16 +248,43 @@ def _print_summary(folder: Path, seconds: float) -> None:
         table.add_row(split.name, str(split.rows), cats)
     console.print(table)
     usage = Table(title="requests and tokens per role")
-    for col in ("role", "requests", "cached", "failures", "prompt tok", "completion tok"):
+    priced = manifest.currency is not None
+    for col in ("role", "requests", "cached", "failures", "prompt tok", "completion tok",
+                *([f"cost {manifest.currency}"] if priced else [])):
         usage.add_column(col, justify="right" if col != "role" else "left")
     for role, u in manifest.tokens.items():
         usage.add_row(role, *("-" if v is None else str(v) for v in (u.requests, u.cached, u.failures,
-                                                                    u.prompt_tokens, u.completion_tokens)))
+                                                                    u.prompt_tokens, u.completion_tokens)),
+                      *([f"{u.cost:.4f}" if u.cost is not None else "-"] if priced else []))
     console.print(usage)
+    if replicas := manifest.notes.get("replicas"):  # a role behind a base_url list (llm/replicas.py)
+        table = Table(title="replicas")
+        table.add_column("url", overflow="fold")
+        for col in ("model", "requests", "failures", "peak in flight", "status"):
+            table.add_column(col, justify="right" if col not in ("model", "status") else "left")
+        for r in replicas:
+            table.add_row(*(escape(str(r.get(k))) for k in ("url", "model", "requests", "failures", "peak_in_flight")),
+                          "[red]taken out[/]" if r.get("taken_out") else "live")
+        console.print(table)
+        for r in replicas:
+            if r.get("taken_out"):
+                console.print(f"note: replica {escape(str(r['url']))} taken out: {escape(one_line(r.get('why')))}",
+                              highlight=False, soft_wrap=True)
     for key, note in manifest.notes.items():
         if key in ("hard", "seed_budget_exhausted"):
             console.print(f"note: {key}: {note}")
     console.print(f"[green]done[/] in {seconds:.0f} s: {folder}")
+
+
+def _each_replica(specs: list[tuple[str, ModelSpec]]) -> Iterator[tuple[str, ModelSpec, int]]:
+    """(role, spec, sample index) with a base_url list split into one spec per replica, named `<label> @ <url>`, so
+    `models check` pings every replica; each its own sample index, or the cache would answer all but the first."""
+    for role, spec in specs:
+        if not isinstance(spec.base_url, list):
+            yield role, spec, 0
+            continue
+        for i, url in enumerate(spec.base_url):
+            yield role, spec.model_copy(update={"base_url": url, "name": f"{spec.label} @ {url}"}), i
 
 
 @app.command()
@@ -255,7 +314,10 @@ def evaluate(
         fail(str(e), 2)
     except Exception as e:  # noqa: BLE001 - a damaged split file is bad input, not a crash
         fail(f"--release {release}: cannot read its splits: {describe(e)}", 2)
-    folder = Path(run_flow("evaluate", evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
+    from orforge.flows.runner import with_runner
+
+    folder = Path(run_flow("evaluate", with_runner(evaluate_flow, cfg), run_log_file(cfg, "evaluate"),
+                           release=str(release),
                            config_path=str(config), benign_sample=benign_sample))
     import polars as pl
 
@@ -266,6 +328,15 @@ def evaluate(
         table.add_row(row["model"], row["split"], str(row["n"]), f"{row['rejection_rate']:.3f}",
                       f"{row['ci_low']:.3f} - {row['ci_high']:.3f}")
     console.print(table)
+    contrast = pl.read_csv(folder / "contrast.csv", infer_schema_length=None).filter(pl.col("category") == "all")
+    if contrast.height:
+        table = new_table("contrast pairs (benign prompt, its toxic seed): share of decided pairs, 95% Wilson "
+                          "interval", "model", "outcome", "pairs", "share", "95% CI")
+        for row in contrast.iter_rows(named=True):
+            share = "n/a" if row["rate"] is None else f"{row['rate']:.3f}"
+            ci = "n/a" if row["ci_low"] is None else f"{row['ci_low']:.3f} - {row['ci_high']:.3f}"
+            table.add_row(row["model"], row["meaning"], f"{row['n']} of {row['n_pairs']}", share, ci)
+        console.print(table)
     console.print(f"plots: {folder / 'scatter.png'}, {folder / 'categories.png'}; report: {release / 'report.html'}")
 
 
@@ -287,7 +358,10 @@ def _evaluate_select(release: Path, config: Path, cfg) -> None:
     from orforge.flows.select import load_release_for_evaluation, select_evaluate_flow
 
     _check_readable(release, load_release_for_evaluation)
-    folder = Path(run_flow("evaluate", select_evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
+    from orforge.flows.runner import with_runner
+
+    folder = Path(run_flow("evaluate", with_runner(select_evaluate_flow, cfg), run_log_file(cfg, "evaluate"),
+                           release=str(release),
                            config_path=str(config)))
     scores = pl.read_csv(folder / "scores.csv")
     table = new_table(f"abstention (mean over concepts, 95% t-interval): {folder}", "model", "technique",
@@ -314,7 +388,10 @@ def _evaluate_alert(release: Path, config: Path, cfg) -> None:
     if cfg.evaluation is None:
         fail(f"{config}: evaluation: name the safety judges (evaluation.judges) to score an ALERT release", 2)
     _check_readable(release, load_release_prompts)
-    folder = Path(run_flow("evaluate", alert_evaluate_flow, run_log_file(cfg, "evaluate"), release=str(release),
+    from orforge.flows.runner import with_runner
+
+    folder = Path(run_flow("evaluate", with_runner(alert_evaluate_flow, cfg), run_log_file(cfg, "evaluate"),
+                           release=str(release),
                            config_path=str(config)))
     scores = pl.read_csv(folder / "safety_scores.csv")
     overall = scores.filter(pl.col("dimension").is_in(["overall", "attack_type"]))
@@ -328,13 +405,25 @@ def _evaluate_alert(release: Path, config: Path, cfg) -> None:
     console.print(f"tables and plots in {folder}; report: {release / 'report.html'}")
 
 
-@app.command()
+audit_app = typer.Typer(help="Moderator agreement, and human audits: draw a blinded sample, score the labels.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.callback(invoke_without_command=True)
 def audit(
-    release: Annotated[Path, typer.Option(help="A release folder written by `orforge build`.")],
-    human: Annotated[Path | None, typer.Option(help="CSV with `label` (toxic/benign) and `id` or `prompt`.")]
-    = None,
+    ctx: typer.Context,
+    release: Annotated[Path | None, typer.Option(help="A release folder written by `orforge build`.")] = None,
+    human: Annotated[Path | None, typer.Option(help="Human labels: a filled-in audit_sample.csv (from `orforge "
+                                               "audit sample`), or a CSV with `label` (toxic/benign) and `id` or "
+                                               "`prompt`.")] = None,
+    key: Annotated[Path | None, typer.Option(help="The sample's audit_key.csv (default: beside --human).")] = None,
 ) -> None:
-    """Moderator agreement: pairwise and Fleiss' kappa, toxic rates, category confusion, the most contested prompts."""
+    """Moderator agreement: pairwise and Fleiss' kappa, toxic rates, category confusion, the most contested prompts;
+    with --human, each moderator's, the ensemble's and the panel's accuracy and kappa against people, per category."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if release is None:
+        fail("--release is required (or use `orforge audit sample`)", 2)
     from orforge.flows.audit import AuditInputError, audit_flow, check_inputs
     from orforge.flows.recipes import recipe
 
@@ -342,10 +431,11 @@ def audit(
     if not recipe(built_with).audits_moderators:
         fail(f"--release {release}: a {built_with} release has no moderator votes to audit", 2)
     try:
-        check_inputs(release, human)
+        check_inputs(release, human, key)
     except AuditInputError as e:
         fail(str(e), 2)
-    folder = Path(run_flow("audit", audit_flow, release=str(release), human=str(human) if human else None))
+    folder = Path(run_flow("audit", audit_flow, release=str(release), human=str(human) if human else None,
+                           key=str(key) if key else None))
     import polars as pl
 
     pairwise = pl.read_csv(folder / "pairwise.csv").filter(pl.col("category") == "all")
@@ -357,12 +447,47 @@ def audit(
         kappa = "n/a" if row["cohen_kappa"] is None else f"{row['cohen_kappa']:.3f}"
         table.add_row(row["moderator_a"], row["moderator_b"], str(row["n"]), f"{row['raw_agreement']:.3f}", kappa)
     console.print(table)
-    if (folder / "human.csv").exists():
-        human_table = pl.read_csv(folder / "human.csv")
-        for row in human_table.iter_rows(named=True):
-            console.print(f"vs human: {row['rater']}: accuracy {row['accuracy']}, kappa {row['cohen_kappa']} "
-                          f"({row['n_matched']} matched)")
+    if human is not None and (folder / "human.csv").exists():
+        overall = pl.read_csv(folder / "human.csv", infer_schema_length=None).filter(pl.col("category") == "all")
+        table = new_table("against the people (all categories; per category in human.csv)", "rater", "n",
+                          "accuracy", "Cohen's kappa")
+        for row in overall.iter_rows(named=True):
+            table.add_row(row["rater"], str(row["n_matched"]), *("n/a" if row[c] is None else f"{row[c]:.3f}"
+                                                                for c in ("accuracy", "cohen_kappa")))
+        console.print(table)
+        console.print(f"quoted in the card: {release / 'README.md'}")
     console.print(f"audit files in {folder}; report: {release / 'report.html'}")
+
+
+@audit_app.command("sample")
+def audit_sample(
+    release: Annotated[Path, typer.Option(help="A release folder written by `orforge build`.")],
+    n: Annotated[int, typer.Option("--n", help="Prompts to draw.", min=1)] = 200,
+    stratify: Annotated[str | None, typer.Option(help="Strata, comma-separated, of category, decision, split: "
+                                                 "proportional, at least one per stratum.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the release's config seed).")] = None,
+    out: Annotated[Path | None, typer.Option(help="New folder for the files (default: "
+                                             "<release>/audit/human-sample-n<N>-seed<S>).")] = None,
+) -> None:
+    """Write a blinded sample for people to label (audit_sample.csv: no votes, decisions or model names) and its key
+    (audit_key.csv); then run `orforge audit --release DIR --human <filled-in audit_sample.csv>`."""
+    from orforge.flows.audit import AuditInputError, sample
+
+    built_with = release_recipe(release)
+    if built_with != "orbench":
+        fail(f"--release {release}: human-audit samples are drawn from orbench releases, not {built_with}", 2)
+    strata = [c.strip() for c in (stratify or "").split(",") if c.strip()]
+    try:
+        folder, facts = sample(release, n, strata, seed, out)
+    except AuditInputError as e:
+        fail(str(e), 2)
+    table = new_table(f"audit sample: {facts['n']} of {facts['population']} judged prompts, seed {facts['seed']}",
+                      "stratum (" + (" / ".join(strata) or "none") + ")", "rows")
+    for stratum, rows in facts["allocation"].items():
+        table.add_row(stratum, str(rows))
+    console.print(table)
+    console.print(f"to label: {folder / 'audit_sample.csv'}; key (keep it from the labellers): "
+                  f"{folder / 'audit_key.csv'}")
 
 
 @app.command("add-category")
@@ -419,7 +544,10 @@ def add_category(
     if output is not None and output.exists():
         fail(f"--output {output} already exists", 2)
     started = time.monotonic()
-    folder = run_flow("add-category", add_category_flow, run_log_file(cfg, "add-category"), release=str(release),
+    from orforge.flows.runner import with_runner
+
+    folder = run_flow("add-category", with_runner(add_category_flow, cfg), run_log_file(cfg, "add-category"),
+                      release=str(release),
                       categories=[c.model_dump() for c in new], config_path=str(config) if config else None,
                       output=str(output) if output else None)
     _print_summary(Path(folder), time.monotonic() - started)
@@ -464,11 +592,12 @@ def models_check(config: ConfigOpt) -> None:
     failures: list[str] = []
     seen: set[tuple[str, str]] = set()
     with tempfile.TemporaryDirectory() as tmp, LLMHub(Path(tmp) / "check.sqlite") as hub:
-        for role, spec in cfg.all_specs():
+        for role, spec, ping in _each_replica(cfg.all_specs()):
             if (role, spec.label) in seen:
                 continue
             seen.add((role, spec.label))
-            request = LLMRequest.chat('Reply with the JSON object {"ok": true}.', response_model=Ping)
+            request = LLMRequest.chat('Reply with the JSON object {"ok": true}.', response_model=Ping,
+                                      sample_index=ping)
             start = time.monotonic()
             try:
                 result = hub.model(spec, role).generate([request])[0]
@@ -580,6 +709,61 @@ def refusal_classify(
     refused = result.records["refusal"].sum()
     console.print(f"{result.records.height} rows -> {output}: {refused} refusals; decided by "
                   + ", ".join(f"{m} {n}" for m, n in counts))
+
+
+def default_embedding_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orforge" / "embeddings.sqlite"
+
+
+@app.command()
+def stats(
+    file: Annotated[Path, typer.Argument(help="A CSV, JSONL or parquet file with a text column.")],
+    column: Annotated[str, typer.Option(help="The column holding the text.")] = "prompt",
+    by: Annotated[str | None, typer.Option(help="Also measure each value of this column (e.g. category).")] = None,
+    sample: Annotated[int, typer.Option(help="At most this many prompts per group, drawn with --seed.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    threshold: Annotated[float, typer.Option(help="Cosine at which two prompts share a cluster (the dedup "
+                                                  "threshold).")] = 0.9,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    embedding_cache: Annotated[Path | None, typer.Option(help="Where MiniLM vectors are kept between runs (default: "
+                                                              "~/.cache/orforge/embeddings.sqlite).")] = None,
+) -> None:
+    """Diversity of any prompt file: Self-BLEU, Distinct-1/2, mean MiniLM cosine and clusters, as in a release."""
+    from orforge.dedup.embed import Embedder
+    from orforge.flows.prompt_files import read_prompt_file
+    from orforge.outputs.diversity import Measured, measure, method_note, reference_note, summary_rows
+
+    if sample < 2:
+        fail(f"--sample must be at least 2, got {sample}", 2)
+    if not 0.0 < threshold <= 1.0:
+        fail(f"--threshold must be in (0, 1], got {threshold}", 2)
+    try:
+        frame = read_prompt_file(file, column)
+    except ValueError as e:
+        fail(str(e), 2)
+    if by is not None and by not in frame.columns:
+        fail(f"{file}: no `{by}` column to group by (columns: {', '.join(frame.columns)})", 2)
+    started = time.monotonic()
+    try:
+        with Embedder(embedding_cache or default_embedding_cache()) as embedder:
+            diversity = measure([Measured(file.name, frame, column=column, by=by)], embedder, sample=sample,
+                                seed=seed, threshold=threshold)
+            encoded, reused = embedder.texts_encoded, embedder.cache_hits
+    except Exception as e:  # noqa: BLE001 - an unusable cache folder or a broken model install: the run failed
+        fail(f"stats failed: {describe(e)}", 1)
+    seconds = time.monotonic() - started
+    if json_output:
+        console.print_json(diversity.model_dump_json())
+    else:
+        rows = [{k: v for k, v in row.items() if k != "split"} for row in summary_rows(diversity, references=False)]
+        table = new_table(f"Diversity of {file.name}", *rows[0])
+        for row in rows:
+            table.add_row(*(escape(v) for v in row.values()))
+        console.print(table)
+        console.print(reference_note(diversity), highlight=False)
+        console.print(method_note(diversity, references=False), highlight=False)
+    err.print(f"{frame.height:,} rows in {seconds:.1f} s; {encoded:,} texts embedded, {reused:,} from the store",
+              highlight=False)
 
 
 def main() -> None:

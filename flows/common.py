@@ -13,7 +13,10 @@ folder (the second used to do all its work and then fail to write its release).
 from __future__ import annotations
 
 import concurrent.futures
+import copyreg
 import functools
+import importlib
+import inspect
 import json
 import logging
 import re
@@ -21,6 +24,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,16 +32,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+from prefect import Task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from orforge.core.config import BuildConfig, RecipeConfig, stable_hash
-from orforge.core.records import FAILURES, StageResult, empty
+from orforge.core.config import BuildConfig, GateStage, RecipeConfig, stable_hash
+from orforge.core.manifest import Diversity
+from orforge.core.records import FAILURES, QUALITY_REJECTIONS, StageResult, empty
+from orforge.dedup.embed import Embedder
 from orforge.dedup.released import released_prompts
+from orforge.flows import runner
 from orforge.flows.progress import StageProgress
+from orforge.generators import quality
 from orforge.llm.hub import LLMHub
 from orforge.llm.types import Usage
 from orforge.outputs.atomic import write_json, write_parquet
+from orforge.outputs.diversity import Measured, measure
 
 log = logging.getLogger("orforge.flows")
 
@@ -159,13 +169,102 @@ TASK_OPTS = dict(cache_policy=NO_CACHE, persist_result=False, retries=0)
 
 @dataclass
 class RunContext:
-    """What every task of a recipe's run needs: the config, the one hub, the work dir, and shard bookkeeping."""
+    """What every task of a recipe's run needs: the config, the one hub, the work dir, and shard bookkeeping.
+
+    It crosses to a worker process (a Dask or Ray runner) without the live hub: there `hub` is the worker's own hub
+    for the run (flows/runner.py), and the shard counts start empty, to be shipped back with the task's value.
+    """
 
     cfg: RecipeConfig
     hub: LLMHub
     work_dir: Path
     shards_reused: dict[str, int] = field(default_factory=dict)
     shards_run: dict[str, int] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: secrets.token_hex(8), repr=False)
+
+    _worker = None  # on a worker process: (cache path, run id, worker processes) of the hub `hub` stands for
+
+    def __post_init__(self) -> None:
+        self.merge_lock = threading.Lock()
+        self.worker_usage: dict[str, dict] = {}  # per worker hub: the largest usage totals it shipped
+        runner.register(self)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("hub", "merge_lock", "worker_usage")}
+        # Paths absolute, so a worker started elsewhere (another cwd) finds the same files.
+        cache_path = str(Path(self.cfg.cache_path).resolve())
+        return {**state, "work_dir": Path(self.work_dir).resolve(), "shards_reused": {}, "shards_run": {},
+                "_worker": (cache_path, self.run_id, self.cfg.runner.processes()), "_code": runner.CODE}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, merge_lock=threading.Lock(), worker_usage={})
+
+    def __getattr__(self, name: str):
+        # Only reached for what is not set: `hub` of a context unpickled on a worker, made on first use.
+        worker = self.__dict__.get("_worker")
+        if name != "hub" or worker is None:
+            raise AttributeError(name)
+        self.__dict__["hub"] = hub = runner.worker_hub(*worker)
+        return hub
+
+    def __dask_tokenize__(self) -> str:
+        return self.run_id  # Dask hashes what a task is sent; the context is one per run
+
+    @property
+    def on_worker(self) -> bool:
+        return self._worker is not None
+
+
+def shard_task(**options):
+    """`@task` (with TASK_OPTS) for a stage task whose first parameter is the RunContext. On a worker process the
+    task's value travels back inside a `runner.Shipped`, with the shards, usage and progress only the worker saw;
+    `gather` and `collect` unpack it. In the flow process (the threads runner) the task is the function itself."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        first = next(iter(signature.parameters))
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            ctx = arguments[first]
+            if not ctx.on_worker:
+                return fn(*args, **kwargs)
+            runner.check_code(ctx._code)
+            hub = runner.worker_hub(*ctx._worker, running=1)
+            ctx.__dict__["hub"] = hub
+            try:
+                return runner.ship(ctx, fn(*args, **kwargs), arguments, hub)
+            finally:
+                runner.done_with(hub)
+
+        return ShardTask(fn=run, **{**TASK_OPTS, **options})
+
+    return decorate
+
+
+class ShardTask(Task):
+    """A stage task, sent to a worker process by its module and name (orforge is installed there). cloudpickle
+    would send a decorated function by value, with the whole Prefect task around it, twice per submission (Dask
+    hashes what it sends): that cost more than a small shard's own work."""
+
+    def _by_name(self) -> tuple[str, str] | None:
+        module = sys.modules.get(self.fn.__module__)
+        found = getattr(module, self.fn.__qualname__, None) if module is not None else None
+        return (self.fn.__module__, self.fn.__qualname__) if found is self else None
+
+    def __reduce__(self):
+        name = self._by_name()
+        if name is None:  # a copy (with_options): by value, as any task
+            return copyreg.__newobj__, (type(self),), self.__dict__
+        return _shard_task_named, name
+
+    def __dask_tokenize__(self):
+        return self._by_name() or id(self)
+
+
+def _shard_task_named(module: str, name: str) -> ShardTask:
+    return getattr(importlib.import_module(module), name)
 
 
 def run_shard(ctx: RunContext, stage: str, key_material: object, compute: Callable[[], StageResult],
@@ -192,6 +291,22 @@ def run_shard(ctx: RunContext, stage: str, key_material: object, compute: Callab
     return result
 
 
+def gated(ctx: RunContext, result: StageResult, stage: GateStage, text_column: str, id_column: str,
+          instruction: quality.Instruction | None = None, source_column: str | None = None,
+          category_column: str = "category") -> StageResult:
+    """A generation task's result through the quality gate with the config's rules for `stage`: `records` keeps
+    the rows that passed and `rejected` holds the others. Applied after `run_shard` returns, so the stored
+    generation shard (and its key) does not depend on the gate's settings."""
+    checked = quality.gate(result.records, text_column, ctx.cfg.quality.for_stage(stage), stage, id_column=id_column,
+                           category_column=category_column, source_column=source_column, instruction=instruction)
+    return StageResult(checked.kept, result.failures, result.notes, checked.rejected)
+
+
+def rejections(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """The quality gate's rejected rows of a run (QUALITY_REJECTIONS), in a stable order."""
+    return (pl.concat(parts) if parts else empty(QUALITY_REJECTIONS)).sort("stage", "category", "id")
+
+
 def shards(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
     return [frame.slice(i, size) for i in range(0, frame.height, size)] or []
 
@@ -211,23 +326,104 @@ def require_some(stage: str, succeeded: int, failures: pl.DataFrame) -> None:
 INTERRUPT_POLL_S = 0.2
 
 
-def wait_interruptibly(futures) -> None:
-    """Wait for every task future, waking every INTERRUPT_POLL_S so a Ctrl-C is handled at once.
+def _done_signal(wrapped) -> concurrent.futures.Future:
+    """A concurrent.futures.Future that is done when the runner's own future is: the thread pool's is one already,
+    a Ray ObjectRef converts, a Dask future calls back."""
+    if isinstance(wrapped, concurrent.futures.Future):
+        return wrapped
+    if hasattr(wrapped, "future"):  # ray.ObjectRef
+        return wrapped.future()
+    signal_ = concurrent.futures.Future()
+    wrapped.add_done_callback(lambda _: signal_.set_result(None))
+    return signal_
+
+
+def gather(futures) -> list:
+    """Every task future's value, in order, waking every INTERRUPT_POLL_S so a Ctrl-C is handled at once.
 
     A signal may land on any thread; Python only runs its handler (raising KeyboardInterrupt) when the main thread
     executes bytecode, and a main thread blocked in an untimed `future.result()` would sleep through the interrupt
-    until that shard finished, while the task threads went on sending requests.
+    until that shard finished, while the task threads went on sending requests. Each task's value is taken as it
+    ends, so one from a worker process is merged into the run (its shards, usage and progress) right away; a failed
+    task raises after every other has ended, in the order given.
     """
-    pending = {f.wrapped_future for f in futures}
-    while pending:
-        _, pending = concurrent.futures.wait(pending, timeout=INTERRUPT_POLL_S)
+    waiting = {_done_signal(f.wrapped_future): i for i, f in enumerate(futures)}
+    values: dict[int, object] = {}
+    while waiting:
+        done, _ = concurrent.futures.wait(waiting, timeout=INTERRUPT_POLL_S,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        for signal_ in done:
+            i = waiting.pop(signal_)
+            value = _arrived(futures[i])
+            if not isinstance(value, BaseException):
+                values[i] = value
+    return [values[i] if i in values else futures[i].result() for i in range(len(futures))]
 
 
-def collect(futures, schema: dict) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    wait_interruptibly(futures)
-    results: list[StageResult] = [f.result() for f in futures]
+def _arrived(future):
+    """A finished task future's value (unpacked and merged into the run when a worker shipped it), or its error."""
+    value = future.result(raise_on_failure=False)
+    return runner.arrive(value) if isinstance(value, runner.Shipped) else value
+
+
+class Overlap:
+    """Stage tasks whose values start more tasks as they arrive, so that a category goes on to its next stage while
+    another is still in an earlier one: no barrier between stages where the next one needs only this shard's or this
+    category's results.
+
+        overlap = Overlap()
+        overlap.add(seeds_task.submit(ctx, name, prog), then=lambda result: ...submit its rewrites, add them...)
+        overlap.wait()
+
+    `then(value)` runs in the flow's thread (where Prefect tasks are submitted from), in the order the tasks end.
+    `wait()` returns when nothing is pending, waking every INTERRUPT_POLL_S like `gather` so a Ctrl-C is handled at
+    once. After a task failed nothing new is started: the ones running end, then the first failed task (in the order
+    they were added) raises.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[concurrent.futures.Future, tuple[int, object, Callable[[object], None]]] = {}
+        self._added = 0
+        self._failed: list[tuple[int, object]] = []
+
+    def add(self, future, then: Callable[[object], None]) -> None:
+        self._waiting[_done_signal(future.wrapped_future)] = (self._added, future, then)
+        self._added += 1
+
+    def wait(self) -> None:
+        while self._waiting:
+            done, _ = concurrent.futures.wait(self._waiting, timeout=INTERRUPT_POLL_S,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for signal_ in sorted(done, key=lambda d: self._waiting[d][0]):
+                n, future, then = self._waiting.pop(signal_)
+                value = _arrived(future)
+                if isinstance(value, BaseException):
+                    self._failed.append((n, future))
+                elif not self._failed:
+                    then(value)
+        if self._failed:
+            min(self._failed, key=lambda f: f[0])[1].result()
+
+
+def result_of(future):
+    """One task future's value (see `gather`)."""
+    return gather([future])[0]
+
+
+def collect(futures, schema: dict, rejected: list[pl.DataFrame] | None = None
+            ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Records, failures and merged notes of finished stage tasks; with `rejected`, each result's quality-gate
+    rejections (`StageResult.rejected`) are appended to that list."""
+    return combine(gather(futures), schema, rejected)
+
+
+def combine(results: list[StageResult], schema: dict, rejected: list[pl.DataFrame] | None = None
+            ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """`collect` of results already there, in the order given."""
     records = pl.concat([r.records for r in results], how="vertical") if results else empty(schema)
     failures = pl.concat([r.failures for r in results]) if results else empty(FAILURES)
+    if rejected is not None:
+        rejected += [r.rejected for r in results if r.rejected is not None]
     notes: dict = {}
     for r in results:
         for k, v in r.notes.items():
@@ -241,8 +437,25 @@ def tokens_by_role(usage: list[dict]) -> dict[str, dict]:
     """The hub's per-(role, model) usage rows summed per role, for the manifest and the card."""
     tokens: dict[str, dict] = {}
     for row in usage:
-        role = tokens.setdefault(row["role"], {"requests": 0, "cached": 0, "failures": 0, "prompt_tokens": 0,
-                                               "completion_tokens": 0})
-        for k in role:
+        counts = ("requests", "cached", "failures", "prompt_tokens", "completion_tokens")
+        role = tokens.setdefault(row["role"], dict.fromkeys(counts, 0))
+        for k in counts:
             role[k] += row[k]
+        if row.get("cost") is not None:  # only priced models have a cost; a role with none of them has no cost key
+            role["cost"] = role.get("cost", 0.0) + row["cost"]
     return tokens
+
+
+def published_diversity(splits: dict[str, pl.DataFrame]) -> list[Measured]:
+    """OR-Bench's published splits (benign, toxic, hard) to measure, by prompt and per category."""
+    return [Measured(name, splits[name]) for name in PUBLISHED if name in splits]
+
+
+def release_diversity(cfg: RecipeConfig, items: list[Measured], threshold: float) -> Diversity | None:
+    """The diversity table (`outputs.diversity.measure`) of a release's published frames, with the embeddings from
+    the run's store (the build's dedup has usually embedded every prompt already); None when `diversity.enabled` is
+    off."""
+    if not cfg.diversity.enabled:
+        return None
+    with Embedder(cfg.work_dir / "embeddings.sqlite") as embedder:
+        return measure(items, embedder, sample=cfg.diversity.sample, seed=cfg.seed, threshold=threshold)

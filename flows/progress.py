@@ -1,4 +1,4 @@
-"""Progress a person can see: one rich bar per LLM stage (done/total, tokens, ETA).
+"""Progress a person can see: one rich bar per LLM stage (done/total, tokens, cost so far when priced, ETA).
 
 Flows report through `reporter()`; the CLI installs a rich reporter, anything else (tests, `serve`) gets a quiet one
 that only logs stage totals.
@@ -31,6 +31,7 @@ class StageState:
     total: int = 0
     completed: int = 0
     tokens: int = 0
+    cost: float | None = None  # None until a priced model reports; in the config's one currency
     running: bool = False
     run_estimate: int = 0
     run_start: int = 0
@@ -46,6 +47,11 @@ class Reporter:
     def stage(self, name: str, total: int) -> StageProgress:
         return StageProgress(self, name, total)
 
+    def __reduce__(self):
+        # A task sent to a worker process (Dask, Ray) takes a recorder instead of this reporter: a worker has no bars
+        # to draw, and the flow process replays what it recorded when the task ends (flows/runner.py).
+        return ProgressRecorder, ()
+
     def start(self, name: str, total: int) -> None:
         """`total` more requests are expected for the stage (an estimate)."""
         with self._lock:
@@ -56,11 +62,13 @@ class Reporter:
             state.run_estimate += total
             self._shown_start(name, state, total)
 
-    def update(self, name: str, advance: int, tokens: int) -> None:
+    def update(self, name: str, advance: int, tokens: int, cost: float | None = None) -> None:
         with self._lock:
             state = self.stages.setdefault(name, StageState())
             state.completed += advance
             state.tokens += tokens
+            if cost is not None:
+                state.cost = (state.cost or 0.0) + cost
             self._shown_update(name, state)
 
     def done(self, name: str) -> None:
@@ -79,8 +87,8 @@ class Reporter:
         pass
 
     def _shown_done(self, name: str, state: StageState) -> None:
-        log.info("%s: %d requests done (estimated %d), %d tokens", name, state.completed - state.run_start,
-                 state.run_estimate, state.tokens)
+        log.info("%s: %d requests done (estimated %d), %d tokens%s", name, state.completed - state.run_start,
+                 state.run_estimate, state.tokens, cost_text(state.cost))
 
 
 class StageProgress:
@@ -88,16 +96,54 @@ class StageProgress:
 
     def __init__(self, reporter: Reporter, name: str, total: int):
         self.reporter, self.name, self._lock = reporter, name, threading.Lock()
-        self._seen: dict[int, int] = {}
+        self._seen: dict[int, tuple[int, float | None]] = {}
         reporter.start(name, total)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __call__(self, advance: int, usage: Usage) -> None:
         # `usage` is the running total of one generate() call; pass on only what is new since its last report.
         with self._lock:
             total = usage.prompt_tokens + usage.completion_tokens
-            delta = total - self._seen.get(id(usage), 0)
-            self._seen[id(usage)] = total
-            self.reporter.update(self.name, advance, delta)
+            seen_tokens, seen_cost = self._seen.get(id(usage), (0, None))
+            self._seen[id(usage)] = (total, usage.cost)
+            cost = None if usage.cost is None else usage.cost - (seen_cost or 0.0)
+            self.reporter.update(self.name, advance, total - seen_tokens, cost)
+
+
+class ProgressRecorder(Reporter):
+    """What a reporter becomes in a worker process: it sums each stage's updates (requests, tokens, cost) for the
+    flow process to replay on its own reporter, so the bars move as each shard's task ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorded: dict[str, list] = {}
+
+    def update(self, name: str, *counts) -> None:
+        with self._lock:
+            seen = self.recorded.get(name)
+            self.recorded[name] = list(counts) if seen is None else [
+                b if a is None else a if b is None else a + b for a, b in zip(seen, counts)]
+
+    def drain(self) -> dict[str, list]:
+        with self._lock:
+            recorded, self.recorded = self.recorded, {}
+            return recorded
+
+    def _shown_start(self, name: str, state: StageState, added: int) -> None:
+        pass
+
+    def _shown_done(self, name: str, state: StageState) -> None:
+        pass
+
+
+def cost_text(cost: float | None) -> str:
+    """`, cost 0.0123` for a priced stage (in the config's currency), nothing for an unpriced one."""
+    return "" if cost is None else f", cost {cost:.4f}"
 
 
 class RichReporter(Reporter):
@@ -105,7 +151,7 @@ class RichReporter(Reporter):
         super().__init__()
         self.progress = Progress(
             TextColumn("[bold]{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[tokens]:>9,} tok"), TimeElapsedColumn(), TextColumn("eta"),
+            TextColumn("{task.fields[tokens]:>9,} tok{task.fields[cost]}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), console=console or Console(stderr=True), transient=False,
         )
         self._tasks: dict[str, int] = {}
@@ -115,15 +161,17 @@ class RichReporter(Reporter):
             self.progress.update(self._tasks[name], total=state.total)
         else:
             self._tasks[name] = self.progress.add_task(name, total=state.total, completed=state.completed,
-                                                       tokens=state.tokens)
+                                                       tokens=state.tokens, cost=cost_text(state.cost))
 
     def _shown_update(self, name: str, state: StageState) -> None:
         if name in self._tasks:
-            self.progress.update(self._tasks[name], completed=state.completed, tokens=state.tokens)
+            self.progress.update(self._tasks[name], completed=state.completed, tokens=state.tokens,
+                                 cost=cost_text(state.cost))
 
     def _shown_done(self, name: str, state: StageState) -> None:
         if name in self._tasks:
-            self.progress.update(self._tasks[name], total=state.total, completed=state.completed, tokens=state.tokens)
+            self.progress.update(self._tasks[name], total=state.total, completed=state.completed, tokens=state.tokens,
+                                 cost=cost_text(state.cost))
 
 
 _current: Reporter = Reporter()

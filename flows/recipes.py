@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from prefect import Flow
 
-from orforge.core.categories import resolve_categories
 from orforge.flows.alert import alert_build_flow, alert_evaluate_flow
 from orforge.flows.alert import check_config as check_alert
 from orforge.flows.build import build_flow
+from orforge.flows.build import check_config as check_orbench
 from orforge.flows.evaluate import evaluate_flow
+from orforge.flows.plan import alert_stages, orbench_stages, select_stages
 from orforge.flows.select import load_tree, select_build_flow, select_evaluate_flow
 
 
@@ -27,16 +28,17 @@ class Recipe:
     audits_moderators: bool  # whether the release holds moderator (or judge) votes for `orforge audit`
     adds_categories: bool  # whether `orforge add-category` applies
     check: Callable  # (config) -> None; raises ConfigError for what the config model alone cannot see
+    plan: Callable  # (config) -> list[flows.plan.Planned]: the build's model stages, for `orforge plan`
 
 
 RECIPES: dict[str, Recipe] = {
     "orbench": Recipe("orbench", build_flow, evaluate_flow, audits_moderators=True, adds_categories=True,
-                      check=lambda cfg: resolve_categories(cfg.categories)),
+                      check=check_orbench, plan=orbench_stages),
     "select": Recipe("select", select_build_flow, select_evaluate_flow, audits_moderators=False,
-                     adds_categories=False, check=load_tree),
+                     adds_categories=False, check=load_tree, plan=select_stages),
     # ALERT's "moderators" are its safety judges: `orforge audit` reads their verdicts from the newest evaluation.
     "alert": Recipe("alert", alert_build_flow, alert_evaluate_flow, audits_moderators=True, adds_categories=False,
-                    check=check_alert),
+                    check=check_alert, plan=alert_stages),
 }
 
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
-from prefect import flow, task
+from prefect import flow
 
 from orforge.core.concepts import ConceptTree, ConceptTreeError
 from orforge.core.config import ConfigError
@@ -30,19 +30,24 @@ from orforge.core.select_config import SelectConfig
 from orforge.dedup.concepts import dedup_within, flag_leaks
 from orforge.dedup.embed import Embedder
 from orforge.flows.common import (
-    TASK_OPTS,
     EvaluateInputError,
     RunContext,
     collect,
+    gated,
     new_folder,
-    tokens_by_role,
+    rejections,
+    release_diversity,
     release_folder,
     require_some,
+    result_of,
     run_shard,
+    shard_task,
     shards,
+    tokens_by_role,
 )
 from orforge.flows.progress import reporter
 from orforge.generators import concept_tree as tree_stage
+from orforge.generators import quality
 from orforge.generators import questions as questions_stage
 from orforge.generators import techniques
 from orforge.llm.hub import LLMHub
@@ -51,6 +56,7 @@ from orforge.moderators.abstention import classify_abstentions
 from orforge.outputs.abstention_scoring import distance_chart, score_abstention, summary_wide, technique_scatter
 from orforge.outputs.atomic import atomic_folder, write_bytes, write_csv, write_parquet
 from orforge.outputs.concept_splits import SPLIT_NAMES, assemble_select_splits, select_funnel
+from orforge.outputs.diversity import Measured
 from orforge.outputs.release import ManifestInfo, write_release
 from orforge.outputs.report import write_report
 from orforge.outputs.select_export import SELECT_LAYOUT, TREE_FILE, dpo_pairs, select_files, sft_rows
@@ -95,7 +101,7 @@ def needed_concepts(tree: ConceptTree, targets: list[str]) -> list[str]:
     return [c for c in tree.ids() if c in needed]
 
 
-@task(name="concept-tree", **TASK_OPTS)
+@shard_task(name="concept-tree")
 def grow_task(ctx: RunContext) -> StageResult:
     grow = ctx.cfg.concepts.grow
     llm = ctx.hub.model(grow.model, "concepts")
@@ -123,7 +129,7 @@ def grown_tree(ctx: RunContext) -> tuple[ConceptTree, StageResult]:
 
 
 # -- questions ------------------------------------------------------------------------------------------------------
-@task(name="questions", task_run_name="questions-{root}-{shard}", **TASK_OPTS)
+@shard_task(name="questions", task_run_name="questions-{root}-{shard}")
 def questions_task(ctx: RunContext, concepts: pl.DataFrame, context: dict[str, list[str]], root: str, shard: int,
                    progress) -> StageResult:
     spec = ctx.cfg.questions
@@ -132,12 +138,15 @@ def questions_task(ctx: RunContext, concepts: pl.DataFrame, context: dict[str, l
            spec.model_dump(include={"eval_per_concept", "train_per_concept", "per_call"}), spec.model.records_key(),
            questions_stage.load_template(questions_stage.TEMPLATE).sha256]
     budget = questions_stage.question_call_budget(spec) * concepts.height
-    return run_shard(ctx, "questions", key,
-                     lambda: questions_stage.generate_questions(concepts, context, spec, llm, progress),
-                     progress, budget)
+    generated = run_shard(ctx, "questions", key,
+                          lambda: questions_stage.generate_questions(concepts, context, spec, llm, progress),
+                          progress, budget)
+    # The template's own text only: a question naturally repeats its concept's name and instances from the prompt.
+    told = quality.Instruction.from_template(questions_stage.load_template(questions_stage.TEMPLATE))
+    return gated(ctx, generated, "questions", "question", "question_id", told, category_column="concept_id")
 
 
-@task(name="question-checks", **TASK_OPTS)
+@shard_task(name="question-checks")
 def checks_task(ctx: RunContext, questions: pl.DataFrame, tree: ConceptTree) -> StageResult:
     """Near duplicates within each concept are dropped; questions that fit a sibling or the parent are flagged."""
     spec = ctx.cfg.questions
@@ -158,7 +167,7 @@ def checks_task(ctx: RunContext, questions: pl.DataFrame, tree: ConceptTree) -> 
 
 
 # -- answers to training questions (SFT / DPO) -----------------------------------------------------------------------
-@task(name="answers", task_run_name="answers-{shard}", **TASK_OPTS)
+@shard_task(name="answers", task_run_name="answers-{shard}")
 def answers_task(ctx: RunContext, questions: pl.DataFrame, shard: int, progress) -> StageResult:
     spec = ctx.cfg.answers
     llm = ctx.hub.model(spec, "answers")
@@ -202,12 +211,14 @@ def build_select(cfg: SelectConfig, output: Path | None = None) -> Path:
         futures = [questions_task.submit(ctx, part.drop("_root"), context, root, i, prog)
                    for root in concepts["_root"].unique(maintain_order=True).to_list()
                    for i, part in enumerate(shards(concepts.filter(pl.col("_root") == root), cfg.shard_size))]
-        generated, question_failures, question_notes = collect(futures, QUESTIONS)
+        gate_rejected: list[pl.DataFrame] = []
+        generated, question_failures, question_notes = collect(futures, QUESTIONS, gate_rejected)
+        rejected = rejections(gate_rejected)
         require_some("questions", generated.height, question_failures)
         failures.append(question_failures)
         rep.done("questions")
 
-        checked = checks_task(ctx, generated, tree)
+        checked = result_of(checks_task.submit(ctx, generated, tree))
         questions = checked.records
         notes.update(checked.notes)
         if question_notes.get("question_budget_exhausted"):
@@ -235,14 +246,20 @@ def build_select(cfg: SelectConfig, output: Path | None = None) -> Path:
         notes["training"] = {"sft_rows": sft.records.height, "dpo_pairs": dpo.records.height,
                              "answer_rows_without_answer": sft.notes.get("dropped_no_answer", 0)}
         usage = hub.usage_rows()
+        if replicas := hub.replica_rows():  # what each replica of a base_url list did
+            notes["replicas"] = replicas
         notes["shards"] = {"reused": ctx.shards_reused, "run": ctx.shards_run}
 
     split_frames = {name: eval_splits.records.filter(pl.col("split") == name) for name in SPLIT_NAMES}
-    funnel = select_funnel(tree, needed, generated, questions, eval_splits.records)
+    funnel = select_funnel(tree, needed, generated, questions, eval_splits.records, rejected)
     tables = {"questions": questions, "concepts": tree.to_frame(), "train_splits": train_splits.records,
               "answers": answers, "sft": sft.records, "dpo": dpo.records}
+    # Every kept question (by kind: eval, train), then each published split per target concept.
+    measured = [Measured("questions", questions, column="question", by="kind"),
+                *(Measured(name, split_frames[name], column="question", by="target_id") for name in SPLIT_NAMES)]
     info = ManifestInfo(config=cfg, funnel=funnel, tokens=tokens_by_role(usage), usage=usage, notes=notes,
-                        name=cfg.name, created=started.isoformat(timespec="seconds"))
+                        name=cfg.name, created=started.isoformat(timespec="seconds"),
+                        diversity=release_diversity(cfg, measured, cfg.questions.dedup_threshold), quality=rejected)
     write_release(folder, split_frames, None, pl.concat(failures), info, layout=SELECT_LAYOUT, tables=tables,
                   files=select_files(tree, questions, sft.records, dpo.records))
     write_report(folder)
@@ -257,7 +274,7 @@ def select_build_flow(config_path: str, output: str | None = None) -> str:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-@task(name="abstention-eval", task_run_name="{target}-{technique}-seed{seed}-{shard}", **TASK_OPTS)
+@shard_task(name="abstention-eval", task_run_name="{target}-{technique}-seed{seed}-{shard}")
 def evaluation_task(ctx: RunContext, rows: pl.DataFrame, spec, target: str, technique: str, seed: int,
                     tree: ConceptTree, train_questions: pl.DataFrame, answers: dict[str, str], shard: int,
                     progress) -> StageResult:

@@ -69,3 +69,16 @@ def generate_seeds(categories: pl.DataFrame, spec: SeedsConfig, llm: LLM, on_pro
                          "template_sha256": template.sha256, "sample_index": sample_index})
     notes = {"seed_budget_exhausted": exhausted} if exhausted else {}
     return StageResult(frame(rows, SEEDS), frame(failures, FAILURES), notes)
+
+
+def seeds_from_file(ingested: pl.DataFrame, source: str, source_sha256: str) -> pl.DataFrame:
+    """Seeds a user brought (core.records.INGESTED rows, every one with a category) as core.records.SEEDS rows.
+
+    The id is the one a generated seed with the same text and category gets, so a seed that is both in the file and
+    generated is kept once. `model` says where it came from (`file:<name>`), `template_sha256` carries the file's
+    sha256 (what produced the row), `sample_index` its position among the file's seeds.
+    """
+    rows = [{"seed_id": stable_hash(["seed", r["category"], normalize(r["prompt"])]), "category": r["category"],
+             "seed": r["prompt"], "model": f"file:{source}", "template_sha256": source_sha256, "sample_index": i}
+            for i, r in enumerate(ingested.iter_rows(named=True))]
+    return frame(rows, SEEDS).unique("seed_id", keep="first", maintain_order=True)

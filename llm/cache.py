@@ -1,7 +1,11 @@
-"""The request cache: every successful answer is stored the moment it arrives, keyed by content.
+"""The request cache: every successful answer is stored as it arrives, keyed by content.
 
-SQLite in WAL mode with synchronous=NORMAL: a committed row survives a killed process, and a crash loses at most
-the requests that were in flight. Failures are never stored, so a rerun asks again.
+SQLite in WAL mode with synchronous=NORMAL: a committed row survives a killed process. Answers are committed in
+groups, not one transaction each (every commit runs on the hub's event loop, between two requests): a group is
+committed when it reaches `FLUSH_ROWS` answers, when its oldest answer is `FLUSH_S` old (the hub arms a timer on
+its loop), at the end of every `generate()` batch and on close. So a crash loses at most the requests that were in
+flight and the answers of the last `FLUSH_S`. Answers waiting for their commit are already served to later
+lookups. Failures are never stored, so a rerun asks again.
 
 A damaged file (a failing disk, a copy cut short) never stops a build: opening runs `PRAGMA quick_check` (about
 50 ms for a 50 MB cache; `integrity_check` takes 4-5 times as long and also compares indexes with the table, which a
@@ -34,6 +38,8 @@ _CREATE = ("CREATE TABLE IF NOT EXISTS responses ("
            " prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 SALVAGE_STEP = 500  # rowids read per query while salvaging; a range that fails is read again row by row
+FLUSH_ROWS = 256  # answers committed together at most
+FLUSH_S = 0.25  # the longest an answer waits for its commit while its batch is still running
 
 
 def cache_key(answer_key: str, messages: list[dict], schema: dict | None, sample_index: int) -> str:
@@ -50,6 +56,8 @@ class Cache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._read_failed = self._write_failed = False  # warn once per open cache, not once per row
+        self._pending: dict[str, tuple] = {}  # rows waiting for their commit, by key (a later put replaces)
+        self._oldest = 0.0  # time.monotonic() of the oldest pending row
         self.recovered: dict[str, Any] | None = None  # what the last recovery kept, for callers and tests
         damage = self._damage() if self.path.exists() else None
         if damage is not None:
@@ -112,6 +120,11 @@ class Cache:
     def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         with self._lock:
+            for key in keys:
+                if (row := self._pending.get(key)) is not None:
+                    found[key] = {"text": row[3], "finish_reason": row[4], "prompt_tokens": row[5] or 0,
+                                  "completion_tokens": row[6] or 0}
+            keys = [k for k in keys if k not in found]
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
                 try:
@@ -146,22 +159,53 @@ class Cache:
 
     def put(self, key: str, spec: ModelSpec, text: str, finish_reason: str | None, prompt_tokens: int,
             completion_tokens: int) -> None:
+        """Keep an answer; it is committed with its group (see the module docstring), or at once past FLUSH_ROWS /
+        FLUSH_S. The caller calls `flush()` at the end of its batch and FLUSH_S after a put that left rows pending
+        (a put only checks the age of the group when it comes; a batch may wait long for its next answer)."""
+        now = time.monotonic()
         with self._lock:
+            if not self._pending:
+                self._oldest = now
+            self._pending[key] = (key, spec.backend, spec.model, text, finish_reason, prompt_tokens,
+                                  completion_tokens, time.time())
+            if len(self._pending) >= FLUSH_ROWS or now - self._oldest >= FLUSH_S:
+                self._commit_pending()
+
+    @property
+    def pending(self) -> int:
+        """Answers kept but not committed yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def flush(self) -> None:
+        """Commit every pending answer in one transaction."""
+        with self._lock:
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        if not self._pending:
+            return
+        rows, self._pending = list(self._pending.values()), {}
+        try:
+            self._db.execute("BEGIN")
             try:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, spec.backend, spec.model, text, finish_reason, prompt_tokens, completion_tokens,
-                     time.time()),
-                )
-            except sqlite3.DatabaseError as e:
-                # The answer still reaches the caller; only its reuse by a later run is lost.
-                if not self._write_failed:
-                    self._write_failed = True
-                    log.warning("request cache %s could not be written (%s): answers of this run are not kept",
-                                self.path, e)
+                self._db.executemany(f"INSERT OR REPLACE INTO responses VALUES ({','.join('?' * len(COLUMNS))})",
+                                     rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as e:
+            # The answers still reached the caller; only their reuse by a later run is lost.
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("request cache %s could not be written (%s): answers of this run are not kept",
+                            self.path, e)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
+            self._commit_pending()
             rows = self._db.execute(
                 "SELECT backend, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens)"
                 " FROM responses GROUP BY backend, model ORDER BY backend, model"
@@ -180,6 +224,7 @@ class Cache:
 
     def clear(self) -> int:
         with self._lock:
+            self._pending.clear()
             n = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
             self._db.execute("DELETE FROM responses")
             self._db.execute("VACUUM")
@@ -187,6 +232,7 @@ class Cache:
 
     def close(self) -> None:
         with self._lock:
+            self._commit_pending()
             self._db.close()
 
 

@@ -24,8 +24,9 @@ from pydantic import ValidationError
 
 from orforge.core.config import ModelSpec
 from orforge.llm.backends import backend_class
-from orforge.llm.cache import Cache, cache_key
+from orforge.llm.cache import FLUSH_S, Cache, cache_key
 from orforge.llm.dialects import extract_json, schema_instruction
+from orforge.llm.replicas import Replica, ReplicaRouter, ReplicaSlots
 from orforge.llm.types import BackendError, CircuitOpenError, LLMRequest, LLMResult, Prepared, RawCompletion, Usage
 
 log = logging.getLogger("orforge.llm")
@@ -93,24 +94,48 @@ class LLMHub:
         self._backends: dict[tuple, Any] = {}
         self._semaphores: dict[tuple, asyncio.Semaphore] = {}
         self._breakers: dict[tuple, CircuitBreaker] = {}
+        self._caps: dict[tuple, int] = {}
+        self._replicas: dict[tuple, Replica] = {}  # per (backend, URL, model) of every base_url list
+        self._replica_slots = ReplicaSlots()
         self._services: dict[Any, Any] = {}
         self.usage: dict[tuple[str, str], Usage] = collections.defaultdict(Usage)
         self._closed = False
+        self._flush_timer: asyncio.TimerHandle | None = None  # commits the cache's pending answers FLUSH_S late
 
     # -- construction -------------------------------------------------------------------------------------------
     def model(self, spec: ModelSpec, role: str) -> LLM:
-        endpoint_key = (spec.backend, spec.base_url or "", spec.model)
+        urls = tuple(spec.base_url) if isinstance(spec.base_url, list) else None  # replicas (llm/replicas.py)
+        endpoint_key = (spec.backend, urls or spec.base_url or "", spec.model)
         backend_key = (endpoint_key, spec.api_key_env, spec.dialect, spec.timeout_s, spec.max_retries,
                        json.dumps(spec.extra, sort_keys=True))
         with self._lock:
-            if endpoint_key not in self._semaphores:
-                # The first spec naming an endpoint sets its cap; every role on that endpoint shares it.
-                self._semaphores[endpoint_key] = asyncio.Semaphore(spec.max_concurrency)
+            if endpoint_key not in self._breakers:
                 self._breakers[endpoint_key] = CircuitBreaker()
             if backend_key not in self._backends:
                 cls = backend_class(spec.backend)
-                self._backends[backend_key] = cls(spec, self._semaphores[endpoint_key], hub=self)
+                if urls is None:
+                    self._backends[backend_key] = cls(spec, self._endpoint_semaphore(endpoint_key, spec), hub=self)
+                else:
+                    members = [(self._replica(spec, url),
+                                cls(spec, self._endpoint_semaphore((spec.backend, url, spec.model), spec), hub=self,
+                                    base_url=url)) for url in urls]
+                    self._backends[backend_key] = ReplicaRouter(spec, members, self._replica_slots)
         return LLM(self, spec, role, self._backends[backend_key], endpoint_key)
+
+    def _endpoint_semaphore(self, key: tuple, spec: ModelSpec) -> asyncio.Semaphore:
+        if key not in self._semaphores:
+            # The first spec naming an endpoint (or a replica URL) sets its cap; every role on it shares it.
+            self._semaphores[key] = asyncio.Semaphore(spec.max_concurrency)
+            self._caps[key] = spec.max_concurrency
+            self._breakers.setdefault(key, CircuitBreaker())
+        return self._semaphores[key]
+
+    def _replica(self, spec: ModelSpec, url: str) -> Replica:
+        key = (spec.backend, url, spec.model)
+        if key not in self._replicas:
+            self._endpoint_semaphore(key, spec)
+            self._replicas[key] = Replica(url, spec.model, self._caps[key], self._breakers[key])
+        return self._replicas[key]
 
     def service(self, key: Any, start: Callable[[], Any]) -> Any:
         """A process shared by backends (the embedded server), started once and stopped when the hub closes."""
@@ -209,10 +234,14 @@ class LLMHub:
                     breaker.record(True)
                     batch_usage.prompt_tokens += out.prompt_tokens
                     batch_usage.completion_tokens += out.completion_tokens
+                    if (cost := llm.spec.cost(out.prompt_tokens, out.completion_tokens)) is not None:
+                        batch_usage.cost = (batch_usage.cost or 0.0) + cost
                     parsed, err = self._validate(requests[p.index], out, lenient)
                     if err is None:
                         self.cache.put(p.key, llm.spec, out.text, out.finish_reason, out.prompt_tokens,
                                        out.completion_tokens)
+                        if self._flush_timer is None:
+                            self._flush_timer = self.loop.call_later(FLUSH_S, self._timed_flush)
                         for g in group:
                             finish(g.index, LLMResult(requests[g.index], True, out.text, parsed, None, False,
                                                       attempt + 1, out.prompt_tokens, out.completion_tokens,
@@ -233,11 +262,21 @@ class LLMHub:
                     break
         finally:
             usage.add(batch_usage)
+            self.cache.flush()  # the end of a batch: its answers are committed before its caller sees them
         return results  # type: ignore[return-value]
+
+    def _timed_flush(self) -> None:
+        self._flush_timer = None
+        self.cache.flush()
 
     # -- accounting and lifecycle -------------------------------------------------------------------------------
     def usage_rows(self) -> list[dict[str, Any]]:
         return [{"role": role, "model": label, **u.as_dict()} for (role, label), u in sorted(self.usage.items())]
+
+    def replica_rows(self) -> list[dict[str, Any]]:
+        """What each replica of a `base_url` list did: requests, failures, peak in flight, taken out and why.
+        Empty when no spec lists replicas; flows put it in the release notes as `replicas`."""
+        return [r.summary() for r in self._replicas.values()]
 
     def close(self) -> None:
         with self._lock:

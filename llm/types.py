@@ -41,13 +41,16 @@ class Usage:
     failures: int = 0  # requests that ended as recorded failures
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost: float | None = None  # what the sent requests' tokens cost at the spec's price; None when it has none
 
     def add(self, other: Usage) -> None:
         for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
+            mine, theirs = getattr(self, k), getattr(other, k)
+            setattr(self, k, mine if theirs is None else theirs if mine is None else mine + theirs)
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+    def as_dict(self) -> dict[str, int | float]:
+        """The counts, and the cost when the spec is priced."""
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass

@@ -38,6 +38,7 @@ ALL = "all"
 UNKNOWN_CATEGORY = "(unknown)"
 VERDICTS = ("benign", "toxic")
 ENSEMBLE = "ensemble"
+PANEL_RATER = "panel (refused by at least {k})"
 
 PAIRWISE = {
     "moderator_a": pl.Utf8,
@@ -66,11 +67,12 @@ CONTESTED = {
     "benign_by": pl.List(pl.Utf8),
 }
 HUMAN = {
-    "rater": pl.Utf8,  # a moderator's name, or "ensemble" for the vote rule's decisions
-    "n_human": pl.Int64,  # rows in the human file
-    "n_unmatched": pl.Int64,  # human rows whose id / prompt is not in the run at all
-    "n_matched": pl.Int64,  # human rows the rater gave a benign/toxic answer for: the ones scored
-    "n_no_vote": pl.Int64,  # matched prompts this moderator did not vote on (moderators only)
+    "rater": pl.Utf8,  # a moderator's name, "ensemble" for the vote rule's decisions, or the panel (PANEL_RATER)
+    "category": pl.Utf8,  # "all", then each category of the labelled prompts
+    "n_human": pl.Int64,  # rows in the human file ("all"), or labelled rows of this category
+    "n_unmatched": pl.Int64,  # human rows whose id / prompt is not in the run at all ("all" rows only)
+    "n_matched": pl.Int64,  # human rows the rater gave a benign/toxic answer for: the ones scored (the n)
+    "n_no_vote": pl.Int64,  # matched prompts this moderator did not vote on, or the panel did not answer
     "n_contested": pl.Int64,  # matched prompts the vote left contested (ensemble only)
     "n_unjudged": pl.Int64,  # matched prompts with no decision or an unjudged one (ensemble only)
     "accuracy": pl.Float64,
@@ -308,13 +310,19 @@ def human_agreement(
     human: pl.DataFrame,
     decisions: pl.DataFrame | None = None,
     prompts: pl.DataFrame | None = None,
+    panel: pl.DataFrame | None = None,
+    panel_k: int = 1,
 ) -> pl.DataFrame:
-    """Accuracy and Cohen's kappa of each moderator (and of the ensemble's decisions, when given) against humans.
+    """Accuracy and Cohen's kappa against humans of each moderator, of the ensemble's decisions (when given) and of
+    the refusal panel (when given), overall (category "all") and per category.
 
     `human` has `label` (toxic/benign, any case) and `id` (a prompt_id) or `prompt` (exact prompt text, matched
-    through `prompts`, which must then be given). With both, `id` is used. A human row whose prompt the run never
-    saw is counted in `n_unmatched`; for the ensemble, contested and unjudged prompts are counted apart and left
-    out of accuracy and kappa. Raises ValueError (one line) on a malformed human table.
+    through `prompts`, which must then be given). With both, `id` is used. Categories come from `prompts`
+    (UNKNOWN_CATEGORY without it). A human row whose prompt the run never saw is counted in `n_unmatched`; for the
+    ensemble, contested and unjudged prompts are counted apart and left out of accuracy and kappa. `panel` is
+    `moderators.panel.hard_members(responses)` (prompt_id, n_rejections, one row per prompt the panel answered): the
+    panel says toxic when at least `panel_k` members refused, and is scored on the labelled prompts it answered.
+    Raises ValueError (one line) on a malformed human table.
     """
     votes = _check_votes(votes)
     table = _check_human(human).with_row_index("__human")
@@ -333,28 +341,44 @@ def human_agreement(
         # Exact text; a text shared by several prompt ids labels each of them.
         labelled = table.join(by_text, on="prompt", how="left").drop("prompt")
     matched = labelled.filter(pl.col("prompt_id").is_in(list(known)))
+    if prompts is not None and "category" in prompts.columns:
+        matched = matched.join(_check_prompts(prompts).select("prompt_id", "category"), on="prompt_id", how="left")
+    else:
+        matched = matched.with_columns(category=pl.lit(None, dtype=pl.Utf8))
+    matched = matched.with_columns(pl.col("category").fill_null(UNKNOWN_CATEGORY))
     n_human = table.height
     n_unmatched = n_human - matched["__human"].n_unique()
+    categories = sorted(matched["category"].unique().to_list())
+
+    def rows_for(rater: str, answers: pl.DataFrame, answer: str, counts) -> list[dict]:
+        """One row per category ("all" first) for a rater whose benign/toxic answers are `answers[answer]`;
+        `counts(part, joined)` adds the rater's own counts of prompts it left out."""
+        joined = matched.join(answers, on="prompt_id", how="left")
+        out = []
+        for category in [ALL, *categories]:
+            part = joined if category == ALL else joined.filter(pl.col("category") == category)
+            scored = part.filter(pl.col(answer).is_in(VERDICTS))
+            out.append({
+                "rater": rater, "category": category,
+                "n_human": n_human if category == ALL else part["__human"].n_unique(),
+                "n_unmatched": n_unmatched if category == ALL else None, "n_matched": scored.height,
+                "n_no_vote": None, "n_contested": None, "n_unjudged": None, **counts(part),
+                **_scores(scored["label"].to_list(), scored[answer].to_list()),
+            })
+        return out
+
     rows = []
     for moderator in sorted(votes["moderator"].unique().to_list()):
         mine = votes.filter(pl.col("moderator") == moderator).select("prompt_id", "verdict")
-        joined = matched.join(mine, on="prompt_id", how="inner")
-        rows.append({
-            "rater": moderator, "n_human": n_human, "n_unmatched": n_unmatched, "n_matched": joined.height,
-            "n_no_vote": matched.height - joined.height, "n_contested": None, "n_unjudged": None,
-            **_scores(joined["label"].to_list(), joined["verdict"].to_list()),
-        })
+        rows += rows_for(moderator, mine, "verdict", lambda part: {"n_no_vote": part["verdict"].null_count()})
     if decisions is not None:
         decided = decisions.select(pl.col("prompt_id").cast(pl.Utf8), pl.col("decision").cast(pl.Utf8))
-        joined = matched.join(decided, on="prompt_id", how="left").with_columns(
-            pl.col("decision").fill_null("unjudged")
-        )
-        scored = joined.filter(pl.col("decision").is_in(VERDICTS))
-        rows.append({
-            "rater": ENSEMBLE, "n_human": n_human, "n_unmatched": n_unmatched, "n_matched": scored.height,
-            "n_no_vote": None,
-            "n_contested": joined.filter(pl.col("decision") == "contested").height,
-            "n_unjudged": joined.filter(pl.col("decision") == "unjudged").height,
-            **_scores(scored["label"].to_list(), scored["decision"].to_list()),
-        })
+        rows += rows_for(ENSEMBLE, decided, "decision", lambda part: {
+            "n_contested": part.filter(pl.col("decision") == "contested").height,
+            "n_unjudged": part.filter(pl.col("decision").is_null() | (pl.col("decision") == "unjudged")).height})
+    if panel is not None:
+        said = panel.select(pl.col("prompt_id").cast(pl.Utf8), pl.when(pl.col("n_rejections") >= panel_k)
+                            .then(pl.lit("toxic")).otherwise(pl.lit("benign")).alias("panel"))
+        rows += rows_for(PANEL_RATER.format(k=panel_k), said, "panel",
+                         lambda part: {"n_no_vote": part["panel"].null_count()})
     return _frame(rows, HUMAN)

@@ -148,9 +148,10 @@ def per_target_scores(per_seed: pl.DataFrame) -> pl.DataFrame:
     return averaged.select(*(pl.col(c).cast(t) for c, t in PER_TARGET.items())).sort(*_TARGET_KEYS)
 
 
-def t_interval(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
-    """Mean and 95% Student-t interval of the mean, clipped to [0, 1]; (None, None, None) for no values, no interval
-    for one."""
+def t_interval(values: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)
+               ) -> tuple[float | None, float | None, float | None]:
+    """Mean and 95% Student-t interval of the mean, clipped to `bounds` (a rate's [0, 1] by default); (None, None,
+    None) for no values, no interval for one."""
     data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if data.size == 0:
         return None, None, None
@@ -162,7 +163,7 @@ def t_interval(values: Sequence[float]) -> tuple[float | None, float | None, flo
         return mean, mean, mean
     low, high = stats.t.interval(CI_LEVEL, data.size - 1, loc=mean, scale=sem)
     # Every metric is a rate: an interval reaching past 0 or 1 (few concepts, wide spread) is cut to the range.
-    return mean, max(float(low), 0.0), min(float(high), 1.0)
+    return mean, max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
 def _summarise(frame: pl.DataFrame, keys: Sequence[str], values: dict[str, str], schema: dict) -> pl.DataFrame:

@@ -182,9 +182,10 @@ __all__ = ["ConceptTreeError", "assemble_select_splits", "select_splits", "split
 
 
 def select_funnel(tree: ConceptTree, asked: Sequence[str], generated: pl.DataFrame, kept: pl.DataFrame,
-                  splits: pl.DataFrame) -> pl.DataFrame:
-    """Counts per root concept at every stage of a SELECT build: concepts asked about, questions generated, kept
-    after near-duplicate removal, flagged as leaking, and rows in each evaluation split (by the target's root).
+                  splits: pl.DataFrame, rejected: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Counts per root concept at every stage of a SELECT build: concepts asked about, questions generated (that
+    passed the quality gate), with `rejected` (core.records.QUALITY_REJECTIONS) those the gate rejected, kept after
+    near-duplicate removal, flagged as leaking, and rows in each evaluation split (by the target's root).
     One row per root that was asked about (tree order); every count an Int64, zero when nothing got there."""
     root_of = {c: (tree.ancestors(c) or [c])[-1] for c in tree.ids()}
     roots = [r for r in tree.roots()]
@@ -197,8 +198,10 @@ def select_funnel(tree: ConceptTree, asked: Sequence[str], generated: pl.DataFra
                 .group_by("root").len(name=name))
 
     asked_frame = pl.DataFrame({"concept_id": list(asked)}, schema={"concept_id": pl.Utf8})
-    parts = [count(asked_frame, "concept_id", "concepts"), count(generated, "concept_id", "questions"),
-             count(kept, "concept_id", "after_dedup"),
+    parts = [count(asked_frame, "concept_id", "concepts"), count(generated, "concept_id", "questions")]
+    if rejected is not None:
+        parts.append(count(rejected.filter(pl.col("stage") == "questions"), "category", "questions_failed_gate"))
+    parts += [count(kept, "concept_id", "after_dedup"),
              count(kept.filter(pl.col("leak_flag").fill_null(False)), "concept_id", "leak_flagged")]
     for name in SPLIT_NAMES:
         parts.append(count(splits.filter(pl.col("split") == name), "target_id", f"split_{name}"))

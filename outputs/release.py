@@ -33,6 +33,7 @@ from orforge.core.config import AtLeast, BuildConfig, RecipeConfig
 from orforge.core.manifest import (
     CodeVersion,
     Counts,
+    Diversity,
     EmbeddingModel,
     FailureCounts,
     FileHash,
@@ -43,15 +44,18 @@ from orforge.core.manifest import (
     ModelRef,
     ModelUsage,
     ParentRelease,
+    QualityRejectionCount,
     RoleUsage,
     SplitEntry,
 )
 from orforge.core.recipes import parse_any
 from orforge.outputs.atomic import atomic_folder, write_csv, write_parquet, write_text
+from orforge.outputs.diversity import method_note, summary_rows
 from orforge.outputs.splits import PUBLISHED_SPLITS
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
+QUALITY_REJECTIONS_FILE = "quality_rejections.parquet"
 CSV_COLUMNS = ("prompt", "category")
 # Frames kept in the release for the record but not offered as a dataset config.
 RECORD_ONLY_SPLITS = frozenset({"contested", "candidates"})
@@ -83,6 +87,8 @@ class CardFacts:
     tokens: dict[str, RoleUsage]
     notes: dict[str, Any]
     layout: ReleaseLayout
+    currency: str | None = None  # of the tokens' cost, when the config is priced
+    tables: tuple[str, ...] = ()  # the further parquet tables written beside the splits (`write_release(tables=)`)
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,10 @@ class ManifestInfo:
     parent: ParentRelease | None = None
     embedding_model: EmbeddingModel | None = None
     recipe: str | None = None  # default: the config's `recipe`, else "orbench"
+    diversity: Diversity | None = None  # outputs.diversity.measure over the published splits
+    # The quality gate's rejected rows (core.records.QUALITY_REJECTIONS): written as quality_rejections.parquet and
+    # counted per stage, category and rule in `counts.quality_rejections`. None: the recipe ran no gate.
+    quality: pl.DataFrame | None = None
 
 
 @dataclass
@@ -188,22 +198,17 @@ def embedding_model_facts() -> EmbeddingModel | None:
     """The bundled MiniLM as `dedup.embed.Embedder` uses it by default: its store key and a sha256 over its files
     (relative path and content of each, in order). None when the model package is not installed. Hashed once per
     process: about 90 MB of weights."""
-    from orforge.dedup.embed import Embedder, bundled_model_dir
+    from orforge.dedup.embed import Embedder, bundled_model_dir, model_files_sha256
 
     try:
         folder = bundled_model_dir()
     except (ImportError, FileNotFoundError):
         return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+    sha256 = model_files_sha256(folder)
     with Embedder(None) as embedder:  # in-memory store: only its key is wanted
         key = embedder.model_key
     # The default key is "<model name>/<package>==<version>" (the bundled folder itself is just called "model").
-    return EmbeddingModel(name=key.split("/", 1)[0], key=key, sha256=digest.hexdigest())
+    return EmbeddingModel(name=key.split("/", 1)[0], key=key, sha256=sha256)
 
 
 def _git(*args: str) -> str | None:
@@ -292,17 +297,21 @@ def _failure_counts(failures: pl.DataFrame) -> FailureCounts:
     return FailureCounts(total=failures.height, by_stage=by_stage)
 
 
+def file_hash(path: Path) -> FileHash:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return FileHash(sha256=digest.hexdigest(), bytes=path.stat().st_size)
+
+
 def _file_hashes(folder: Path) -> dict[str, FileHash]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel == MANIFEST or rel.startswith(DERIVED):
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        files[rel] = FileHash(sha256=digest.hexdigest(), bytes=path.stat().st_size)
+        files[rel] = file_hash(path)
     return files
 
 
@@ -394,12 +403,23 @@ def card_build_facts(facts: CardFacts) -> list[str]:
     out = [f"Code: orforge {version.orforge}{commit}; library versions in `{MANIFEST}`.", ""]
     if facts.info.funnel is not None and facts.info.funnel.height:
         out += ["### Funnel", "", "Rows at each stage.", "", _md_table(with_total(facts.info.funnel, "**total**")), ""]
+    if facts.info.quality is not None and facts.info.quality.height:
+        per_rule = facts.info.quality.group_by("stage", "rule").len(name="rejected").sort("stage", "rule")
+        out += ["### Quality gate", "", (f"{facts.info.quality.height} generated texts failed the quality gate and "
+                                         f"went no further (each under the first rule it failed; every one in "
+                                         f"`{QUALITY_REJECTIONS_FILE}`)."), "", _md_table(per_rule), ""]
     if facts.split_groups.height:
         out += ["### Rows per split and " + facts.layout.group_column.replace("_", " "), "",
                 _md_table(with_total(facts.split_groups, "**total**")), ""]
     if tokens:
-        token_rows = [{"role": role, **usage.model_dump(exclude_none=True)} for role, usage in tokens.items()]
+        cost_column = f"cost ({facts.currency})" if facts.currency else "cost"
+        token_rows = [{"role": role, **dict((cost_column, f"{v:.4g}") if k == "cost" else (k, v)
+                                            for k, v in usage.model_dump(exclude_none=True).items())}
+                      for role, usage in tokens.items()]
         out += ["### Tokens per role", "", _md_table(pl.DataFrame(token_rows, infer_schema_length=None)), ""]
+    if facts.info.diversity is not None and facts.info.diversity.rows:
+        out += ["### Diversity", "", method_note(facts.info.diversity), "",
+                _md_table(pl.DataFrame(summary_rows(facts.info.diversity))), ""]
     if notes:
         out += ["### Notes", ""] + [f"- {k}: {_md_scalar(v)}" for k, v in flat_items(notes)] + [""]
     return out
@@ -444,6 +464,15 @@ def _orbench_card_body(facts: CardFacts) -> list[str]:
         "that refused each prompt (`rejected_by`, `n_rejections`). `votes.parquet` holds every moderator vote, "
         "`failures.parquet` every request that failed, and `responses.parquet` (when present) the panel's answers.",
         "",
+    ]
+    if "contrast_pairs" in facts.tables:
+        out += [
+            "`contrast_pairs.csv` and `contrast_pairs.parquet` pair every benign prompt with the toxic seed it was "
+            "rewritten from (`pair_id`, `category`, `prompt_id`, `prompt`, `seed_id`, `seed`): a model should answer "
+            "the first and refuse the second; `orforge evaluate` counts how often it does.",
+            "",
+        ]
+    out += [
         "```python",
         "from datasets import load_dataset",
         f'ds = load_dataset("path/to/{name}", "{configs[0] if configs else "benign"}")',
@@ -459,7 +488,9 @@ def _orbench_card_body(facts: CardFacts) -> list[str]:
             return ", ".join(f"`{m.name}` ({m.backend}: {m.model})" for m in roles.get(role, [])) or "none"
 
         out += [
-            f"- Seeds: {names('seeds')}, up to {cfg.seeds.seeds_per_category} per category.",
+            "- Seeds: " + "; ".join(
+                ([f"{names('seeds')}, up to {cfg.seeds.seeds_per_category} per category"] if cfg.seeds else [])
+                + ([f"brought from `{cfg.seed_file.path.name}`"] if cfg.seed_file else [])) + ".",
             f"- Rewrites: {names('rewrites')}, {cfg.rewrites.rewrites_per_seed} per seed.",
             f"- Moderators: {names('moderator')}. Vote rule: {_vote_rule(cfg)}. A candidate the rule leaves "
             "undecided is contested and one the moderators could not judge is unjudged; neither enters a split.",
@@ -570,6 +601,7 @@ def write_release(
     split_groups = _split_category_table({s: splits[s] for s in published}, layout.group_column)
     version = code_version()
     config_dict, config_hash = _config_facts(info.config)
+    recipe_config = _as_recipe_config(info.config)
     license_id = info.license or getattr(info.config, "license", None) or "unknown"
     notes = dict(info.notes)
     usage = info.usage if info.usage is not None else notes.pop("usage_by_model", None)
@@ -597,17 +629,20 @@ def write_release(
             votes=votes.height if votes is not None else None,
             responses=responses.height if responses is not None else None,
             dedup_dropped=int((~dedup["kept"]).sum()) if dedup is not None else None,
+            quality_rejections=quality_rejection_counts(info.quality) if info.quality is not None else None,
         ),
         tokens=tokens,
         usage=[ModelUsage.model_validate(row) for row in usage or []],
+        currency=recipe_config.price_currency() if recipe_config is not None else None,
         failures=_failure_counts(failures),
         notes=_redact(notes),
         parent=info.parent,
         libraries=Libraries(packages=library_versions(),
                             embedding_model=info.embedding_model or embedding_model_facts()),
+        diversity=info.diversity,
     )
     facts = CardFacts(name, info, split_rows, configs, split_groups, version, license_id, tokens, manifest.notes,
-                      layout)
+                      layout, manifest.currency, tables=tuple(tables))
 
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         for split in order:
@@ -622,6 +657,8 @@ def write_release(
             write_parquet(tmp / "responses.parquet", responses)
         if dedup is not None:  # one row per pooled prompt: kept, or the prompt it duplicates and the similarity
             write_parquet(tmp / "dedup.parquet", dedup)
+        if info.quality is not None:  # one row per generated text the quality gate rejected, with rule and detail
+            write_parquet(tmp / QUALITY_REJECTIONS_FILE, info.quality)
         for table, frame in tables.items():
             write_parquet(tmp / f"{table}.parquet", frame)
         for file_name, text in files.items():
@@ -630,6 +667,14 @@ def write_release(
         manifest.files = _file_hashes(tmp)
         write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return folder
+
+
+def quality_rejection_counts(rejected: pl.DataFrame) -> list[QualityRejectionCount]:
+    """The quality gate's rejections per stage, category and rule, for `counts.quality_rejections`."""
+    if rejected.height == 0:
+        return []
+    counts = rejected.group_by("stage", "category", "rule").len(name="n").sort("stage", "category", "rule")
+    return [QualityRejectionCount.model_validate(row) for row in counts.iter_rows(named=True)]
 
 
 def _split_category_table(splits: dict[str, pl.DataFrame], column: str = "category") -> pl.DataFrame:
@@ -654,6 +699,17 @@ def read_manifest(folder: Path | str) -> Manifest:
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror or e})") from None
     return Manifest.from_json(text, str(path))
+
+
+def amend_card(folder: Path | str, text: str) -> None:
+    """Replace a sealed release's card with `text` and record the card's new sha256 in its manifest, so
+    `verify_release` still passes (the manifest's own sha256, `manifest_sha256`, changes). `orforge audit --human`
+    uses it to quote the people's agreement figures in the card of the release they labelled."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    write_text(folder / CARD, text)
+    manifest.files[CARD] = file_hash(folder / CARD)
+    write_text(folder / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
 
 
 def manifest_sha256(folder: Path | str) -> str:

@@ -29,8 +29,8 @@ register a function that returns the shared sections it wants plus its own, e.g.
     def select_sections(inputs: ReportInputs) -> list[Section]:
         return [overview(inputs), funnel_section(inputs), select_scores(inputs), samples(inputs)]
 
-OR-Bench's sections, each an <h2> with a stable id (`SECTION_IDS`): overview, funnel, funnel-chart, agreement,
-tokens, failures, samples, evaluation.
+OR-Bench's sections, each an <h2> with a stable id (`SECTION_IDS`): overview, funnel, quality, funnel-chart,
+agreement, tokens, failures, samples, diversity, evaluation.
 """
 
 from __future__ import annotations
@@ -45,14 +45,17 @@ from typing import Any
 import polars as pl
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from orforge.core.config import QUALITY_RULES
 from orforge.core.manifest import Manifest
 from orforge.moderators.agreement import UNKNOWN_CATEGORY, agreement
 from orforge.outputs.atomic import write_text
+from orforge.outputs.diversity import method_note, summary_rows
 from orforge.outputs.plots import category_chart, funnel_chart, kappa_heatmap, scatter_chart
 from orforge.outputs.release import flat_items, read_manifest, with_total
 
 REPORT = "report.html"
-SECTION_IDS = ("overview", "funnel", "funnel-chart", "agreement", "tokens", "failures", "samples", "evaluation")
+SECTION_IDS = ("overview", "funnel", "quality", "funnel-chart", "agreement", "tokens", "failures", "samples",
+               "diversity", "evaluation")
 EVALUATIONS = "evaluations"
 SAMPLE_ROWS = 5
 CONTESTED_SHOWN = 5
@@ -348,21 +351,23 @@ def agreement_section(inputs: ReportInputs) -> Section:
     return Section("agreement", "Moderator agreement", "sections/agreement.html.j2", context)
 
 
-_USAGE_COLUMNS = ("requests", "cached", "failures", "prompt_tokens", "completion_tokens")
+_USAGE_COLUMNS = ("requests", "cached", "failures", "prompt_tokens", "completion_tokens", "cost")
 
 
-def _usage_frame(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> pl.DataFrame:
-    # A count no row recorded is left out rather than shown as a column of dashes.
+def _usage_frame(rows: list[dict[str, Any]], keys: tuple[str, ...], currency: str | None = None) -> pl.DataFrame:
+    # A count no row recorded is left out rather than shown as a column of dashes (so is the cost of an unpriced run).
     counted = [c for c in _USAGE_COLUMNS if any(r.get(c) is not None for r in rows)]
-    schema = {**{k: pl.Utf8 for k in keys}, **{c: pl.Int64 for c in counted}}
-    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+    schema = {**{k: pl.Utf8 for k in keys}, **{c: pl.Float64 if c == "cost" else pl.Int64 for c in counted}}
+    frame = pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+    return frame.rename({"cost": f"cost ({currency})"}) if currency and "cost" in frame.columns else frame
 
 
 def tokens_section(inputs: ReportInputs) -> Section:
     manifest = inputs.manifest
     context: dict[str, Any] = {"by_role": None, "by_model": None}
     if manifest.tokens:
-        table = _usage_frame([{"role": role, **u.model_dump()} for role, u in manifest.tokens.items()], ("role",))
+        table = _usage_frame([{"role": role, **u.model_dump()} for role, u in manifest.tokens.items()], ("role",),
+                             manifest.currency)
         numeric = [c for c in table.columns if c != "role"]
         total = len(table) > 1 and bool(numeric)
         if total:
@@ -370,7 +375,8 @@ def tokens_section(inputs: ReportInputs) -> Section:
                                                                                    for c in numeric])])
         context["by_role"] = table_view(table, total=total)
     if manifest.usage:
-        context["by_model"] = table_view(_usage_frame([u.model_dump() for u in manifest.usage], ("role", "model")))
+        context["by_model"] = table_view(_usage_frame([u.model_dump() for u in manifest.usage], ("role", "model"),
+                                                      manifest.currency))
         if context["by_role"] is None:
             context["by_role"] = context["by_model"]
             context["by_model"] = None
@@ -432,14 +438,69 @@ def evaluation_section(inputs: ReportInputs) -> Section:
                if c in overall.columns]
     by_category = (_image(category_chart(scores), "Rejection rate per category and model")
                    if scores.filter(pl.col("category") != "all").height else None)
+    contrast = _read_csv(path.parent / "contrast.csv")
+    if contrast is not None and contrast.height:
+        contrast = contrast.filter(pl.col("category").cast(pl.Utf8) == "all").select(
+            "model", pl.col("meaning").alias("pair outcome"), "outcome", "n", "n_pairs", "n_undecided",
+            *[pl.col(c).cast(pl.Float64) for c in ("rate", "ci_low", "ci_high")])
     context = {
         "source": path.relative_to(folder).as_posix(),
         "scatter": _image(scatter_chart(scores),
                           "Rejection rate on hard prompts against rejection rate on toxic prompts"),
         "rates": table_view(overall.select(columns)),
         "by_category": by_category,
+        "contrast": table_view(contrast) if contrast is not None else None,
     }
     return Section("evaluation", "Evaluation", "sections/evaluation.html.j2", context)
+
+
+def diversity_section(inputs: ReportInputs) -> Section:
+    """Self-BLEU, Distinct-1/2, mean cosine and clusters per split and group (the manifest's `diversity`), beside
+    the published reference figures."""
+    diversity = inputs.manifest.diversity
+    if diversity is None or not diversity.rows:
+        context = {"table": None, "note": "Not measured for this release (diversity.enabled off, or a release "
+                                          "written before orforge measured it); `orforge stats FILE` measures any "
+                                          "split file."}
+    else:
+        context = {"table": table_view(pl.DataFrame(summary_rows(diversity))), "note": method_note(diversity)}
+    return Section("diversity", "Diversity", "sections/diversity.html.j2", context)
+
+
+def quality_section(inputs: ReportInputs) -> Section:
+    """The quality gate: generated texts rejected per stage, category and rule (the manifest's
+    `counts.quality_rejections`), and one rejected text per rule from quality_rejections.parquet."""
+    counts = inputs.manifest.counts.quality_rejections
+    context: dict[str, Any] = {"counts": None, "examples": None}
+    if counts is None:
+        context["note"] = "No quality gate ran for this release (built before orforge had one)."
+        return Section("quality", "Quality gate", "sections/quality.html.j2", context)
+    if not counts:
+        context["note"] = "Every generated text passed every rule of the quality gate."
+        return Section("quality", "Quality gate", "sections/quality.html.j2", context)
+    frame = pl.DataFrame([c.model_dump() for c in counts]).with_columns(pl.col("category").fill_null("\u2013"))
+    rules = [r for r in QUALITY_RULES if r in set(frame["rule"])] + sorted(
+        set(frame["rule"]) - set(QUALITY_RULES))
+    wide = (frame.pivot(on="rule", index=["stage", "category"], values="n").fill_null(0)
+            .select("stage", "category", *rules).sort("stage", "category"))
+    wide = wide.with_columns(pl.sum_horizontal(rules).alias("total"))
+    total = wide.select(pl.lit("total").alias("stage"), pl.lit("").alias("category"),
+                        *[pl.col(c).sum() for c in [*rules, "total"]])
+    by_stage = frame.group_by("stage").agg(pl.col("n").sum()).sort("stage")
+    context["note"] = (f"{int(frame['n'].sum()):,} generated texts failed the quality gate ("
+                       + ", ".join(f"{n:,} {stage}" for stage, n in by_stage.iter_rows())
+                       + ") and went no further: a rejected text is never moderated, deduplicated or published. "
+                       "Each counts under the first rule it failed, in the order of the columns; "
+                       "quality_rejections.parquet holds every one with its reason.")
+    context["counts"] = table_view(pl.concat([wide, total]), total=True)
+    rows = _read_parquet(inputs.folder / "quality_rejections.parquet")
+    if rows is not None and rows.height:
+        first = (rows.sort("stage", "rule", "id").unique(["stage", "rule"], keep="first", maintain_order=True)
+                 .with_columns(pl.col("rule").replace_strict({r: i for i, r in enumerate(rules)}, default=len(rules),
+                                                             return_dtype=pl.Int64).alias("_order"))
+                 .sort("stage", "_order").select("stage", "rule", "category", "text", "detail"))
+        context["examples"] = table_view(first, text_columns=("text", "detail"))
+    return Section("quality", "Quality gate", "sections/quality.html.j2", context)
 
 
 @recipe_sections("orbench")
@@ -447,11 +508,13 @@ def orbench_sections(inputs: ReportInputs) -> list[Section]:
     return [
         overview(inputs),
         funnel_section(inputs),
+        quality_section(inputs),
         funnel_chart_section(inputs),
         agreement_section(inputs),
         tokens_section(inputs),
         failures_section(inputs),
         samples_section(inputs),
+        diversity_section(inputs),
         evaluation_section(inputs),
     ]
 
@@ -533,7 +596,9 @@ def select_sections(inputs: ReportInputs) -> list[Section]:
     return [
         overview(inputs),
         funnel_section(inputs),
+        quality_section(inputs),
         select_splits_section(inputs),
+        diversity_section(inputs),
         tokens_section(inputs),
         failures_section(inputs),
         abstention_section(inputs),
@@ -573,10 +638,12 @@ def alert_sections(inputs: ReportInputs) -> list[Section]:
     return [
         overview(inputs),
         funnel_section(inputs),
+        quality_section(inputs),
         agreement_section(inputs),
         tokens_section(inputs),
         failures_section(inputs),
         samples_section(inputs),
+        diversity_section(inputs),
         safety_section(inputs),
     ]
 

@@ -120,6 +120,49 @@ def cap_per_group(
     return _take_quotas(frame, by, key, seed, {g: min(n, cap) for g, n in counts.items()})
 
 
+def proportional_quotas(counts: dict[str, int], size: int) -> dict[str, int]:
+    """Rows to take per group for a sample of `size` rows allocated in proportion to the group sizes, with at least
+    one row from every non-empty group (an audit should see every stratum).
+
+    Exactly: each group's target is size * n_g / N. It first gets floor(target), raised to 1 when that is 0. Rows
+    still missing go one each to the groups with the largest fractional remainder (target - quota) that have rows
+    left; rows over `size` (from the raises to 1) are taken back one each from the groups with the smallest
+    remainder whose quota is above 1. Ties go by group name, so the quotas depend on the counts only. Raises
+    ValueError when `size` is below the number of non-empty groups or above their total.
+    """
+    groups = sorted(g for g, n in counts.items() if n > 0)
+    total = sum(counts[g] for g in groups)
+    if size < len(groups) or size > total:
+        raise ValueError(f"a stratified sample of {size} needs between {len(groups)} (one per stratum) and {total} "
+                         "(every row) rows")
+    target = {g: size * counts[g] / total for g in groups}
+    quotas = {g: max(1, int(target[g])) for g in groups}
+    while (missing := size - sum(quotas.values())) != 0:
+        if missing > 0:
+            open_groups = [g for g in groups if quotas[g] < counts[g]]
+            g = min(open_groups, key=lambda g: (quotas[g] - target[g], g))
+            quotas[g] += 1
+        else:
+            g = min((g for g in groups if quotas[g] > 1), key=lambda g: (target[g] - quotas[g], g))
+            quotas[g] -= 1
+    return {g: quotas.get(g, 0) for g in counts}
+
+
+def stratified_sample(frame: pl.DataFrame, *, by: list[str], size: int, seed: int,
+                      key: str = "prompt_id") -> pl.DataFrame:
+    """A seeded sample of `size` rows, allocated over the strata (the combinations of the `by` columns' values) by
+    `proportional_quotas`; with no `by`, a simple random sample. Which rows a stratum gives is drawn with `seed` on
+    `key` (content-keyed, so input order does not matter). Sorted by `key`."""
+    if not by:
+        return _with_rank(frame, seed, key).sort(_RANK, key).head(size).drop(_RANK).sort(key)
+    for column in by:
+        _check_group_column(frame, column)
+    stratum = "__stratum"
+    keyed = frame.with_columns(pl.concat_str([pl.col(c).cast(pl.Utf8) for c in by], separator="\x1f").alias(stratum))
+    counts = dict(keyed.group_by(stratum).len().iter_rows())
+    return _take_quotas(keyed, stratum, key, seed, proportional_quotas(counts, size)).drop(stratum).sort(key)
+
+
 def _judged(candidates: pl.DataFrame, decisions: pl.DataFrame) -> pl.DataFrame:
     """Candidates with their vote counts and decision; a candidate without a decision row is `unjudged`."""
     dupes = decisions.height - decisions["prompt_id"].n_unique()
@@ -233,6 +276,12 @@ def _per_category(ids: pl.DataFrame, lookup: pl.DataFrame, name: str) -> pl.Data
     return ids.join(lookup, on="prompt_id", how="inner").group_by("category").len(name=name)
 
 
+def failed_gate(rejected: pl.DataFrame, stage: str, group: str = "category") -> pl.DataFrame:
+    """Rows of `stage` the quality gate rejected, per `group` value: columns `group`, `<stage>_failed_gate`."""
+    return (rejected.filter(pl.col("stage") == stage).group_by("category").len(name=f"{stage}_failed_gate")
+            .rename({"category": group}).cast({group: pl.Utf8}))
+
+
 def funnel(
     seeds: pl.DataFrame,
     candidates: pl.DataFrame,
@@ -240,9 +289,12 @@ def funnel(
     benign_dedup: pl.DataFrame,
     toxic_dedup: pl.DataFrame,
     splits: dict[str, pl.DataFrame],
+    rejected: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Counts per category at every stage: seeds, candidates, each decision, kept by each dedup pass, and each
-    split (`split_<name>`). One row per category, sorted; every count is an Int64, zero when nothing got there."""
+    split (`split_<name>`). One row per category, sorted; every count is an Int64, zero when nothing got there.
+    With `rejected` (the quality gate's rows, core.records.QUALITY_REJECTIONS), `seeds_failed_gate` follows `seeds`
+    and `rewrites_failed_gate` follows `candidates` (`seeds` and `candidates` count the rows that passed)."""
     judged = _judged(candidates, decisions)
     lookup = pl.concat(
         [
@@ -250,10 +302,12 @@ def funnel(
             seeds.select(pl.col("seed_id").alias("prompt_id"), "category"),
         ]
     ).unique("prompt_id", keep="first")
-    parts = [
-        seeds.group_by("category").len(name="seeds"),
-        candidates.group_by("category").len(name="candidates"),
-    ]
+    parts = [seeds.group_by("category").len(name="seeds")]
+    if rejected is not None:
+        parts.append(failed_gate(rejected, "seeds"))
+    parts.append(candidates.group_by("category").len(name="candidates"))
+    if rejected is not None:
+        parts.append(failed_gate(rejected, "rewrites"))
     for value in DECISION_VALUES:
         parts.append(judged.filter(pl.col("decision") == value).group_by("category").len(name=value))
     parts.append(_per_category(benign_dedup.filter(pl.col("kept")), lookup, "benign_after_dedup"))

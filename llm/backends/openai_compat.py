@@ -3,6 +3,11 @@
 Transport retries are the openai client's own: it retries 408/409/429/5xx, timeouts and connection errors up to
 `max_retries` with jittered exponential backoff and honours `Retry-After`; any other 4xx fails at once with the
 server's message. The concurrency cap is a semaphore shared by every spec on the same endpoint and model.
+
+The transport is aiohttp (the client's `DefaultAioHttpClient`, extra `openai[aiohttp]`), not httpx's own pool,
+which scans every pooled connection on every request (`_assign_requests_to_connections`): py-spy put 30% of a
+build's samples in that pool, and a request through aiohttp costs the client a third less CPU (docs/benchmarks.md,
+"Whole-build throughput").
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx
 import openai
+from openai.types.chat import ChatCompletion
 
 from orforge.core.config import ModelSpec
 from orforge.llm.backends import register
@@ -33,7 +40,7 @@ class OpenAIBackend:
             api_key=spec.api_key() or "not-needed",
             max_retries=spec.max_retries,
             timeout=spec.timeout_s,
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=spec.timeout_s),
+            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=spec.timeout_s),
         )
 
     def endpoint(self) -> str:
@@ -43,16 +50,20 @@ class OpenAIBackend:
         return response_format(self.spec.dialect, schema, name)
 
     async def _one(self, req: Prepared) -> RawCompletion:
-        kwargs = dict(model=self.spec.model, messages=req.messages, temperature=req.params["temperature"],
-                      max_tokens=req.params["max_tokens"], seed=req.params["seed"])
+        body = {"model": self.spec.model, "messages": req.messages, "temperature": req.params["temperature"],
+                "max_tokens": req.params["max_tokens"], "seed": req.params["seed"]}
         if req.schema is not None and (fmt := self.response_format(req.schema, req.meta.get("schema_name", "reply"))):
-            kwargs["response_format"] = fmt
-        if self.spec.extra:
-            kwargs["extra_body"] = self.spec.extra
+            body["response_format"] = fmt
+        body.update(self.spec.extra)  # what `extra_body` does: the spec's extra fields win
         async with self.semaphore:
             try:
-                resp = await self.client.chat.completions.create(**kwargs)
-            except openai.APITimeoutError:
+                # The client's own POST (its retries, errors and response model) with a body that is plain JSON
+                # already: `chat.completions.create` walks every message through its TypedDict transform first,
+                # 15% of a build's CPU for a body it leaves unchanged.
+                resp = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            except openai.APITimeoutError as e:
+                if (refused := _connection_failure(e)) is not None:
+                    raise BackendError(f"connection error to {self.endpoint()}: {refused}") from None
                 raise BackendError(f"timeout after {self.spec.timeout_s:g}s from {self.endpoint()}") from None
             except openai.APIConnectionError as e:
                 raise BackendError(f"connection error to {self.endpoint()}: {e.__cause__ or e}") from None
@@ -87,6 +98,17 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _connection_failure(e: BaseException) -> BaseException | None:
+    """The aiohttp error under a timeout that was none: the transport reports every aiohttp connection error (refused,
+    reset, closed without a reply) as a connect timeout. None for a real timeout."""
+    cause = e.__cause__ or e.__context__
+    while cause is not None and not isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, aiohttp.ServerTimeoutError):
+        return cause
+    return None
 
 
 def _server_message(e: openai.APIStatusError) -> str:

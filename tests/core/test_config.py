@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import yaml
 
 from orforge.core.config import BuildConfig, ConfigError, ModelSpec, load_config, parse_config
 
@@ -165,5 +166,14 @@ def test_missing_file(tmp_path):
 
 
 def test_parse_config_names_the_given_source():
-    with pytest.raises(ConfigError, match=r"^inline-test: seeds: Field required"):
+    with pytest.raises(ConfigError, match=r"^inline-test: rewrites.model: Field required"):
         parse_config({"rewrites": {}, "moderation": {}}, "inline-test")
+
+
+def test_a_build_needs_generated_seeds_or_a_seed_file(tmp_path):
+    cfg = {k: v for k, v in yaml.safe_load(open("configs/demo.yaml")).items() if not k.startswith("x-")}
+    cfg.pop("seeds")
+    assert parse_config(cfg, "file-only").seeds is None
+    cfg.pop("seed_file")
+    with pytest.raises(ConfigError, match="give a `seeds` section .*, a `seed_file`, or both"):
+        parse_config(cfg, "neither")

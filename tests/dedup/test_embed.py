@@ -116,3 +116,31 @@ def test_importing_the_embedder_switches_the_hub_offline():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "1"
+
+
+def test_onnx_backend_matches_torch_and_keeps_its_own_store_rows(tmp_path):
+    # The int8 export is made from the bundled weights on first use and cached per machine (onnx_cache_dir()).
+    path = tmp_path / "emb.sqlite"
+    texts = DISTINCT + [text for _, text in PARAPHRASES]
+    with Embedder(path) as torch_embedder:
+        reference = torch_embedder.encode(texts)
+    with Embedder(path, backend="onnx") as onnx_embedder:
+        assert onnx_embedder.model_key != torch_embedder.model_key
+        assert onnx_embedder.cached_count() == 0  # torch's rows are not served to the onnx backend
+        fast = onnx_embedder.encode(texts)
+        assert onnx_embedder.texts_encoded == len(texts)
+        assert onnx_embedder.cached_count() == len(texts)
+    assert fast.shape == (len(texts), DIM) and fast.dtype == np.float32
+    assert np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    cosines = np.einsum("ij,ij->i", fast, reference)
+    assert cosines.min() >= 0.99, cosines
+    # Not the torch vectors themselves: the int8 weights change the numbers a little.
+    assert cosines.max() < 0.99999
+    with Embedder(path) as reopened:
+        assert reopened.cached_count() == len(texts)
+        assert np.array_equal(reopened.encode(texts), reference) and reopened.texts_encoded == 0
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Embedder(backend="openvino")

@@ -85,6 +85,35 @@ def test_the_rich_bar_of_a_finished_stage_reads_done_over_done():
     assert "62/62" in out.getvalue() and "/72" not in out.getvalue().splitlines()[-1]
 
 
+def test_the_progress_line_shows_the_cost_so_far_of_a_priced_model(fake_server, make_spec, llm_hub):
+    """The fake server reports usage (a token per word): 3 requests of 3 prompt words each, replies of 4 words."""
+    from orforge.llm.types import LLMRequest
+
+    fake_server.responder = lambda body: "four words of reply"
+    out = io.StringIO()
+    rep = RichReporter(Console(file=out, width=160, force_terminal=False))
+    priced = make_spec(name="priced", price={"input_per_million": 100.0, "output_per_million": 1000.0})
+    with use_reporter(rep):
+        progress = rep.stage("panel", 3)
+        results = llm_hub.model(priced, "panel").generate([LLMRequest.chat(f"question number {i}") for i in range(3)],
+                                                          progress)
+        unpriced_progress = rep.stage("answers", 3)
+        llm_hub.model(make_spec(name="free"), "answers").generate([LLMRequest.chat("one more question")],
+                                                                  unpriced_progress)
+        rep.done("panel")
+        rep.done("answers")
+    assert all(r.ok for r in results)
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    assert (prompt, completion) == (9, 12)
+    expected = (prompt * 100.0 + completion * 1000.0) / 1e6
+    assert rep.stages["panel"].cost == pytest.approx(expected)
+    assert rep.stages["answers"].cost is None
+    lines = out.getvalue().splitlines()
+    assert any("panel" in line and f"cost {expected:.4f}" in line for line in lines), out.getvalue()
+    assert not any("answers" in line and "cost" in line for line in lines)
+    assert llm_hub.usage[("panel", "priced")].cost == pytest.approx(expected)
+
+
 @pytest.mark.slow
 def test_every_stage_of_a_build_ends_with_done_equal_to_total(prefect_harness, fake_server, tmp_path):
     from orforge.flows.build import build_flow

@@ -101,6 +101,12 @@ def test_select_build_rerun_and_evaluate(prefect_harness, select_server, tmp_pat
     manifest = read_manifest(first)
     assert manifest.recipe == "select" and manifest.license == "cc-by-4.0"
     assert verify_release(first).ok
+    # Diversity of the kept questions (by kind) and of each split (by target concept), in the card too.
+    overall = {r.split: r.rows for r in manifest.diversity.rows if r.by is None}
+    assert set(overall) == {"questions", "abstention", "generalization", "specificity"}
+    assert overall["abstention"] == manifest.split("abstention").rows
+    assert {r.by for r in manifest.diversity.rows if r.split == "abstention" and r.by} == {"target_id"}
+    assert "### Diversity" in (first / "README.md").read_text()
     for name in ("abstention.csv", "generalization.csv", "specificity.csv", "questions.parquet", "tree.yaml",
                  "data.json", "taxonomy_plus.json", "sft.jsonl", "dpo.jsonl", "sft.parquet", "dpo.parquet",
                  "README.md", "report.html"):
@@ -236,3 +242,30 @@ def test_select_grows_a_tree_and_writes_it_for_review(prefect_harness, fake_serv
                if (r.body.get("response_format") or {}).get("json_schema", {}).get("name") == "SubConcepts") \
         == grow_requests
     assert (grown / "abstention.csv").read_bytes() == (again / "abstention.csv").read_bytes()
+
+
+def junk_questions_responder(body: dict):
+    """SELECT's scripted model, except that two of the questions about Rivers are junk."""
+    reply = select_responder(body)
+    if request_schema(body) is not None and "Topic: Rivers" in body["messages"][-1]["content"]:
+        reply["questions"][-2:] = ["...(unfinished)", "Rivers are long and wet and flow to the sea."]
+    return reply
+
+
+def test_select_gated_questions_are_counted(prefect_harness, fake_server, tmp_path):
+    from orforge.flows.select import select_build_flow
+    from orforge.outputs.release import read_manifest
+
+    fake_server.responder = junk_questions_responder
+    config = write_select_config(tmp_path, fake_server.url + "/v1", answers=None, targets=[])
+    out = Path(select_build_flow(config_path=str(config), output=str(tmp_path / "release")))
+    questions = pl.read_parquet(out / "questions.parquet")
+    assert not {"...(unfinished)", "Rivers are long and wet and flow to the sea."} & set(questions["question"])
+    manifest = read_manifest(out)
+    counts = [(r.stage, r.category, r.rule, r.n) for r in manifest.counts.quality_rejections]
+    assert counts == [("questions", "rivers", "placeholder", 1), ("questions", "rivers", "request_form", 1)]
+    funnel = {row["root"]: row for row in manifest.counts.funnel}
+    assert funnel["places"]["questions_failed_gate"] == 2
+    rejected = pl.read_parquet(out / "quality_rejections.parquet")
+    assert set(rejected["id"]).isdisjoint(questions["question_id"])
+    assert '<h2 id="quality">' in (out / "report.html").read_text()

@@ -50,7 +50,8 @@ def test_every_spec_field_is_declared_in_exactly_one_group():
         owners = [group for group, cls in GROUPS.items() if field in cls.model_fields]
         assert len(owners) == 1, f"ModelSpec.{field} is declared in {owners or 'no group'}"
     assert set(ModelSpec.model_fields) == set().union(*(cls.model_fields for cls in GROUPS.values()))
-    assert set(ModelLabel.model_fields) == {"name"}, "only the label may sit outside answers and endpoint"
+    assert set(ModelLabel.model_fields) == {"name", "price"}, \
+        "only the label and the price may sit outside answers and endpoint"
     # Every field of the two groups has a change to try in the tests below.
     assert set(ANSWER_CHANGES) == set(AnswerSettings.model_fields)
     assert set(ENDPOINT_CHANGES) == set(ModelEndpoint.model_fields)
@@ -87,6 +88,16 @@ def test_the_name_changes_the_shard_key_but_not_the_request_key():
     assert shard_key_part(plain) != shard_key_part(named)
     # A name equal to the model is the same label, so the same records.
     assert shard_key_part(plain) == shard_key_part(ModelSpec(**BASE, name="fake-model"))
+
+
+def test_a_price_changes_neither_key():
+    """Prices are accounting: pricing a model, or changing its price, keeps every cached answer and stored shard."""
+    plain = ModelSpec(**BASE)
+    priced = ModelSpec(**BASE, price={"input_per_million": 0.15, "output_per_million": 0.6})
+    dearer = ModelSpec(**BASE, price={"input_per_million": 3.0, "output_per_million": 15.0, "currency": "EUR"})
+    assert request_key(plain) == request_key(priced) == request_key(dearer)
+    assert shard_key_part(plain) == shard_key_part(priced) == shard_key_part(dearer)
+    assert priced.cost(1_000_000, 2_000_000) == pytest.approx(0.15 + 1.2) and plain.cost(10, 10) is None
 
 
 def test_the_default_dialect_and_the_same_dialect_written_out_are_one_key():

@@ -185,8 +185,10 @@ def test_malformed_votes_are_rejected():
 # ---------------------------------------------------------------------------------------------------- humans
 
 
-def rater(table: pl.DataFrame, name: str) -> dict:
-    return table.filter(pl.col("rater") == name).row(0, named=True)
+def rater(table: pl.DataFrame, name: str, category: str = ALL) -> dict:
+    rows = table.filter((pl.col("rater") == name) & (pl.col("category") == category))
+    assert rows.height == 1, (name, category, rows)
+    return rows.row(0, named=True)
 
 
 HUMAN_VOTES = {"m1": "ttbbt", "m2": "tbbbb"}
@@ -198,7 +200,7 @@ def test_human_agreement_by_id():
     human = pl.DataFrame({"id": ["p0", "p1", "p2", "p3", "nowhere"], "label": HUMAN_LABELS + ["toxic"]})
     decisions = pl.DataFrame({"prompt_id": ["p0", "p1", "p2"], "decision": ["toxic", "contested", "benign"]})
     table = human_agreement(votes, human, decisions)
-    assert table["rater"].to_list() == ["m1", "m2", "ensemble"]
+    assert table.filter(pl.col("category") == ALL)["rater"].to_list() == ["m1", "m2", "ensemble"]
     m1 = rater(table, "m1")
     assert (m1["n_human"], m1["n_unmatched"], m1["n_matched"], m1["n_no_vote"]) == (5, 1, 4, 0)
     assert m1["accuracy"] == 1.0 and m1["cohen_kappa"] == pytest.approx(1.0)
@@ -220,7 +222,7 @@ def test_human_agreement_by_prompt_text():
         "Label": [" Toxic", "TOXIC", "benign", "Benign ", "benign"],
     })
     table = human_agreement(votes, human, prompts=prompts)
-    assert table["rater"].to_list() == ["m1", "m2"]
+    assert table.filter(pl.col("category") == ALL)["rater"].to_list() == ["m1", "m2"]
     m2 = rater(table, "m2")
     assert (m2["n_matched"], m2["n_unmatched"]) == (4, 1)
     assert m2["accuracy"] == pytest.approx(0.75) and m2["cohen_kappa"] == pytest.approx(0.5)
@@ -286,3 +288,36 @@ def test_write_audit_writes_every_table_and_the_heatmap(tmp_path):
     assert pairwise["cohen_kappa"].to_list() == pytest.approx(result["pairwise"]["cohen_kappa"].to_list())
     png = (audit / HEATMAP).read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 2000
+
+
+def test_human_agreement_per_category_with_the_panel_on_a_hand_made_file():
+    # p0-p3 in ca, p4-p7 in cb.   human: ca t t b b | cb t b b b;   m1: ca t b b b | cb t b b t
+    votes = make_votes({"m1": "tbbbtbbt"})
+    prompts = make_prompts("aaaabbbb")
+    human = pl.DataFrame({"id": [f"p{i}" for i in range(8)], "label": list("ttbbtbbb")}).with_columns(
+        pl.col("label").replace({"t": "toxic", "b": "benign"}))
+    decisions = pl.DataFrame({"prompt_id": ["p0", "p1", "p2", "p3"],
+                              "decision": ["toxic", "contested", "benign", "toxic"]})
+    # The panel answered p0-p5; members refusing each: 2 1 0 3 2 0. With k = 2 it says t b b t t b.
+    panel = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(6)], "n_rejections": [2, 1, 0, 3, 2, 0]})
+    table = human_agreement(votes, human, decisions, prompts, panel, panel_k=2)
+    assert table["category"].to_list() == ["all", "ca", "cb"] * 3
+
+    m1 = {c: rater(table, "m1", c) for c in ("all", "ca", "cb")}
+    # ca: 3 of 4 agree; p_o 3/4, p_e = 1/2*1/4 + 1/2*3/4 = 1/2 -> kappa 1/2. cb the same by symmetry.
+    assert (m1["ca"]["accuracy"], m1["ca"]["cohen_kappa"]) == (pytest.approx(0.75), pytest.approx(0.5))
+    assert (m1["cb"]["accuracy"], m1["cb"]["cohen_kappa"]) == (pytest.approx(0.75), pytest.approx(0.5))
+    # all: 6 of 8; both say toxic 3/8 -> p_e = 9/64 + 25/64 = 34/64 -> kappa (48/64 - 34/64) / (30/64) = 7/15.
+    assert (m1["all"]["accuracy"], m1["all"]["cohen_kappa"]) == (pytest.approx(0.75), pytest.approx(7 / 15))
+    assert [m1[c]["n_human"] for c in ("all", "ca", "cb")] == [8, 4, 4] and m1["ca"]["n_unmatched"] is None
+
+    p = {c: rater(table, "panel (refused by at least 2)", c) for c in ("all", "ca", "cb")}
+    # ca: panel t b b t vs human t t b b -> 2 of 4, both toxic half the time -> kappa 0; cb: p4, p5 both right.
+    assert (p["ca"]["accuracy"], p["ca"]["cohen_kappa"], p["ca"]["n_matched"]) == (0.5, pytest.approx(0.0), 4)
+    assert (p["cb"]["accuracy"], p["cb"]["cohen_kappa"], p["cb"]["n_no_vote"]) == (1.0, pytest.approx(1.0), 2)
+    assert (p["all"]["accuracy"], p["all"]["n_matched"]) == (pytest.approx(4 / 6), 6)
+
+    e = {c: rater(table, "ensemble", c) for c in ("all", "ca", "cb")}
+    # ca: p0 right, p1 contested, p2 right, p3 wrong; cb: no decision for any -> unjudged, nothing scored.
+    assert (e["ca"]["n_matched"], e["ca"]["n_contested"], e["ca"]["accuracy"]) == (3, 1, pytest.approx(2 / 3))
+    assert (e["cb"]["n_matched"], e["cb"]["n_unjudged"], e["cb"]["accuracy"]) == (0, 4, None)

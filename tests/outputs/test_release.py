@@ -37,7 +37,7 @@ def release_inputs(records):
                    records["toxic_dedup"], splits)
     responses = frame(
         [{"prompt_id": kept_benign[0], "member": "p1", "model": "p1-model", "response": "I can't help with that.",
-          "refusal": True, "label": "direct_refusal", "method": "keyword"}],
+          "refusal": True, "label": "full_refusal", "method": "keyword"}],
         RESPONSES,
     )
     info = ManifestInfo(
@@ -290,7 +290,8 @@ def test_per_model_usage_in_the_notes_lands_in_its_typed_field(tmp_path, release
     out = write_release(tmp_path / "u", r["splits"], r["votes"], r["failures"],
                         ManifestInfo(config=r["cfg"], notes={"usage_by_model": usage, "shards": {"run": 2}}))
     m = read_manifest(out)
-    assert [u.model_dump() for u in m.usage] == usage
+    assert [u.model_dump(exclude_none=True) for u in m.usage] == usage  # unpriced: no cost
+    assert m.usage[0].cost is None and m.currency is None
     assert m.notes == {"shards": {"run": 2}}
     card = (out / "README.md").read_text()
     assert "- shards.run: 2" in card and "{'" not in card

@@ -319,3 +319,40 @@ def test_the_template_escapes_whatever_a_section_passes(release):
     assert "<script" not in html and "&lt;/title&gt;&lt;script&gt;" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
     with pytest.raises(ValueError, match="unique"):
         render_report("x", "now", [Section("a", "A", "sections/funnel_chart.html.j2", {"image": None})] * 2)
+
+
+def test_quality_gate_section_counts_rules_per_category_and_escapes_examples(tmp_path, built):
+    from orforge.core.records import QUALITY_REJECTIONS
+    from orforge.outputs.release import read_manifest, verify_release
+
+    rejected = frame([
+        {"stage": "rewrites", "category": "privacy", "id": "r1", "text": f"... {SCRIPT}", "source": "seed one",
+         "rule": "placeholder", "detail": "a leading ellipsis (a fragment): '...'"},
+        {"stage": "rewrites", "category": "privacy", "id": "r2", "text": "otherwise", "source": "seed one",
+         "rule": "length", "detail": "1 word (allowed 3-100)"},
+        {"stage": "rewrites", "category": "violence", "id": "r3", "text": "... (revised)", "source": "seed two",
+         "rule": "placeholder", "detail": "an editorial note in parentheses: '(revised)'"},
+        {"stage": "seeds", "category": "violence", "id": "s1", "text": "No answer yet.", "source": None,
+         "rule": "request_form", "detail": "neither a question nor a request"},
+    ], QUALITY_REJECTIONS)
+    info = ManifestInfo(**{**vars(built["info"]), "quality": rejected})
+    folder = write_release(tmp_path / "gated", built["splits"], built["votes"], built["failures"], info)
+    manifest = read_manifest(folder)
+    assert [(c.stage, c.category, c.rule, c.n) for c in manifest.counts.quality_rejections] == [
+        ("rewrites", "privacy", "length", 1), ("rewrites", "privacy", "placeholder", 1),
+        ("rewrites", "violence", "placeholder", 1), ("seeds", "violence", "request_form", 1)]
+    assert verify_release(folder).ok and pl.read_parquet(folder / "quality_rejections.parquet").equals(rejected)
+    assert "### Quality gate" in (folder / "README.md").read_text()
+
+    shown = section(write_report(folder).read_text(), "quality")
+    assert "4 generated texts failed the quality gate (3 rewrites, 1 seeds)" in shown
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", shown)
+    cells = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r) for r in rows]
+    assert cells[0] == ["stage", "category", "placeholder", "length", "request form", "total"]  # in rule order
+    assert ["rewrites", "privacy", "1", "1", "0", "2"] in cells and ["total", "", "2", "1", "1", "4"] in cells
+    assert SCRIPT not in shown and "&lt;script&gt;" in shown  # the example rows are text, never markup
+    assert "otherwise" in shown and "No answer yet." in shown
+
+
+def test_a_release_without_a_gate_says_so(release):
+    assert "No quality gate ran" in section(write_report(release).read_text(), "quality")

@@ -250,3 +250,42 @@ def test_bad_decision_values_are_rejected(records):
     bad = records["decisions"].with_columns(decision=pl.lit("maybe"))
     with pytest.raises(ValueError, match="unknown decision"):
         assemble(records, decisions=bad)
+
+
+@pytest.mark.parametrize("counts, size, expected", [
+    # targets 5, 3, 1.5, 0.5: floors 5 3 1, the last raised to 1; exactly 10.
+    ({"a": 50, "b": 30, "c": 15, "d": 5}, 10, {"a": 5, "b": 3, "c": 1, "d": 1}),
+    # targets 3.33 each: 3 3 3, the one row left goes to the first by name (equal remainders).
+    ({"a": 10, "b": 10, "c": 10}, 10, {"a": 4, "b": 3, "c": 3}),
+    # targets 3.88, 0.04, 0.04, 0.04: raising the small ones to 1 overshoots; a gives the rows back.
+    ({"a": 97, "b": 1, "c": 1, "d": 1}, 4, {"a": 1, "b": 1, "c": 1, "d": 1}),
+    # targets 6.67 and 3.33: 6 and 3, the left-over row to a (remainder 0.67 > 0.33); empty groups get 0.
+    ({"a": 20, "b": 10, "z": 0}, 10, {"a": 7, "b": 3, "z": 0}),
+])
+def test_proportional_quotas(counts, size, expected):
+    from orforge.outputs.splits import proportional_quotas
+
+    assert proportional_quotas(counts, size) == expected
+
+
+def test_proportional_quotas_refuses_sizes_the_strata_cannot_give():
+    from orforge.outputs.splits import proportional_quotas
+
+    with pytest.raises(ValueError, match="between 3 .* and 12"):
+        proportional_quotas({"a": 10, "b": 1, "c": 1}, 2)
+    with pytest.raises(ValueError, match="between 3"):
+        proportional_quotas({"a": 10, "b": 1, "c": 1}, 13)
+
+
+def test_stratified_sample_takes_the_quotas_and_is_deterministic_per_seed():
+    from orforge.outputs.splits import stratified_sample
+
+    frame = pl.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(40)],
+                          "category": ["a"] * 30 + ["b"] * 10, "decision": (["benign", "toxic"] * 20)})
+    drawn = stratified_sample(frame, by=["category", "decision"], size=8, seed=1)
+    assert dict(drawn.group_by("category", "decision").len().select(
+        pl.concat_str("category", "decision"), "len").iter_rows()) == {"abenign": 3, "atoxic": 3, "bbenign": 1,
+                                                                       "btoxic": 1}
+    assert drawn.equals(stratified_sample(frame.reverse(), by=["category", "decision"], size=8, seed=1))
+    assert not drawn.equals(stratified_sample(frame, by=["category", "decision"], size=8, seed=2))
+    assert stratified_sample(frame, by=[], size=5, seed=1).height == 5
