@@ -96,7 +96,7 @@ class StageProgress:
 
     def __init__(self, reporter: Reporter, name: str, total: int):
         self.reporter, self.name, self._lock = reporter, name, threading.Lock()
-        self._seen: dict[int, tuple[int, float | None]] = {}
+        self._seen: dict[int, tuple[Usage, int, float | None]] = {}
         reporter.start(name, total)
 
     def __getstate__(self) -> dict:
@@ -107,10 +107,14 @@ class StageProgress:
 
     def __call__(self, advance: int, usage: Usage) -> None:
         # `usage` is the running total of one generate() call; pass on only what is new since its last report.
+        # The usage object is kept with its totals: a freed object's id may be reused by the next call's, which
+        # would then be taken for the old call and lose the tokens it had reported.
         with self._lock:
             total = usage.prompt_tokens + usage.completion_tokens
-            seen_tokens, seen_cost = self._seen.get(id(usage), (0, None))
-            self._seen[id(usage)] = (total, usage.cost)
+            kept, seen_tokens, seen_cost = self._seen.get(id(usage), (None, 0, None))
+            if kept is not usage:
+                seen_tokens, seen_cost = 0, None
+            self._seen[id(usage)] = (usage, total, usage.cost)
             cost = None if usage.cost is None else usage.cost - (seen_cost or 0.0)
             self.reporter.update(self.name, advance, total - seen_tokens, cost)
 
