@@ -17,7 +17,10 @@ Runs (each a fresh request cache and work dir; every request a miss):
   zero-<cap>   the build against a zero-latency server, every role at max_concurrency <cap>
   bare-<cap>   a bare AsyncOpenAI + asyncio.Semaphore(<cap>) loop (benchmarks/common.py) on the same zero-latency
                server, moderation-like structured requests, the reference for zero-<cap>: goal build >= 0.9 x bare
-  slow-<cap>   the build against a server that answers after 100 ms: goal mean in flight >= 0.9 x cap
+  slow-<cap>   the build against a server that answers after 100 ms (--slow-latency-ms): goal mean in flight
+               >= 0.9 x cap
+  bareslow-<cap>  the bare loop against that slow server: what one client process on this machine reaches at that
+               cap and latency, the ceiling for slow-<cap> (at cap 256 and 100 ms the cap needs 2,560 requests/s)
 
 MiniLM's embeddings of the candidates are computed once in a warm-up build and copied into every measured run's work
 dir, so dedup's encoding (a fixed CPU cost, see dedup_scaling.py) is not what the numbers measure; dedup itself
@@ -174,14 +177,16 @@ def main() -> None:
     parser.add_argument("--seeds-per-category", type=int, default=150)
     parser.add_argument("--categories", type=int, default=4, choices=range(1, len(CATEGORIES) + 1))
     parser.add_argument("--runs", default="zero-32,bare-32,slow-32,slow-256",
-                        help="comma-separated: zero-<cap>, bare-<cap>, slow-<cap>")
+                        help="comma-separated: zero-<cap>, bare-<cap>, slow-<cap>, bareslow-<cap>")
     parser.add_argument("--bare-requests", type=int, default=6000)
+    parser.add_argument("--slow-latency-ms", type=float, default=SLOW_LATENCY_S * 1000)
     args = parser.parse_args()
+    slow_s = args.slow_latency_ms / 1000
     runs = [(kind, int(cap)) for kind, cap in (r.split("-") for r in args.runs.split(","))]
     header("Whole-build throughput: the OR-Bench build vs a bare AsyncOpenAI loop, seen from the server",
            ("openai", "httpx", "aiohttp", "prefect", "polars"))
     print(f"{args.categories} categories x {args.seeds_per_category} seeds, 3 rewrites per seed, 3 moderators, "
-          f"3 panel members, shard_size 250; slow server latency {SLOW_LATENCY_S * 1000:.0f} ms\n", flush=True)
+          f"3 panel members, shard_size 250; slow server latency {slow_s * 1000:.0f} ms\n", flush=True)
     from prefect.testing.utilities import prefect_test_harness
 
     tmp = Path(tempfile.mkdtemp(prefix="orforge-throughput-"))
@@ -189,18 +194,18 @@ def main() -> None:
     rows, stage_rows, results = [], [], {}
     try:
         servers["zero"] = Server(0.0)
-        if any(kind == "slow" for kind, _ in runs):
-            servers["slow"] = Server(SLOW_LATENCY_S)
+        if any(kind in ("slow", "bareslow") for kind, _ in runs):
+            servers["slow"] = Server(slow_s)
         with prefect_test_harness(server_startup_timeout=300):
             embeddings = None
-            if any(kind != "bare" for kind, _ in runs):
+            if any(kind in ("zero", "slow") for kind, _ in runs):
                 run_build(tmp / "warm-up", servers["zero"].base_url, 32, args, None)
                 servers["zero"].spans()
                 embeddings = tmp / "warm-up" / "work" / "embeddings.sqlite"
             for n, (kind, cap) in enumerate(runs):
-                server = servers["slow" if kind == "slow" else "zero"]
+                server = servers["slow" if kind in ("slow", "bareslow") else "zero"]
                 before = load()
-                if kind == "bare":
+                if kind in ("bare", "bareslow"):
                     wall, _, _ = run_bare(server.base_url, prompts(args.bare_requests, f"bare-{n}"), cap, "json")
                 else:
                     wall = run_build(tmp / f"{kind}-{cap}-{n}", server.base_url, cap, args, embeddings)
@@ -210,7 +215,7 @@ def main() -> None:
                              f"{m['busiest_rps']:.0f}", f"{m['mean_in_flight']:.1f}",
                              f"{m['mean_in_flight'] / cap:.2f}", m["max_in_flight"], f"{m['idle_s']:.2f}",
                              f"{m['idle_gaps_s']:.2f} ({m['n_gaps']})", f"{before} -> {load()}"))
-                if kind != "bare":
+                if kind in ("zero", "slow"):
                     stage_rows.append((f"{kind}-{cap}", *(
                         f"{m['stages'][s][0]:.1f}-{m['stages'][s][1]:.1f}" if s in m["stages"] else "-"
                         for s in ("SeedPrompts", "Rewrites", "ModerationVerdict", "panel"))))
@@ -232,7 +237,10 @@ def main() -> None:
             print(f"\ncap {cap}: build busiest 5 s / bare busiest 5 s = {ratio:.2f} (goal >= 0.9)")
     for (kind, cap), m in results.items():
         if kind == "slow":
-            print(f"100 ms, cap {cap}: mean in flight / cap = {m['mean_in_flight'] / cap:.2f} (goal >= 0.9)")
+            bare = results.get(("bareslow", cap))
+            versus = f"; bare loop {bare['mean_in_flight'] / cap:.2f}" if bare else ""
+            print(f"{slow_s * 1000:.0f} ms, cap {cap}: mean in flight / cap = {m['mean_in_flight'] / cap:.2f} "
+                  f"(goal >= 0.9){versus}")
     footer()
 
 

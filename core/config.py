@@ -312,6 +312,9 @@ class QualityRules(Strict):
                                                                         "gives another language at least this "
                                                                         "probability.")
     request_form: bool = Field(True, description="Reject rows that are neither a question nor a request.")
+    repair: bool = Field(True, description="Before the rules, take list numbering, a label such as 'Rewrite:', "
+                                           "wrapping quotes or an ellipsis off a complete request and keep the "
+                                           "repaired text (with its own id) instead of rejecting the row.")
 
     @model_validator(mode="after")
     def _bounds(self) -> QualityRules:

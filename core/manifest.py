@@ -4,10 +4,16 @@
 `Manifest.from_json` (via `outputs.release.read_manifest`), never through raw dicts. Every model forbids unknown
 keys, so a writer and a reader that drift apart fail loudly on the next read instead of silently dropping a field.
 
-`schema_version` says which shape a file has. Manifests written before it existed (no `schema_version` key) are
-read too: they differ only in keeping the per-model usage and the parent release inside `notes`, which
-`from_json` moves into their typed fields. A file claiming a newer version than this code knows is refused with a
-message that says so.
+`schema_version` says which shape a file has; it goes up whenever a field is added, renamed or removed:
+- 1: the first typed manifest.
+- 2: adds optional fields only: `counts.quality_rejections` and `counts.quality_repairs` (the quality gate),
+  `cost` per role and per model with the manifest's `currency`, and `diversity`. A version-1 file validates as it is
+  (the new fields are None), and so does one written while they were being added (it says 1 but may hold some).
+A manifest read back keeps the version its file says; a release written now says `SCHEMA_VERSION`. A rename or a
+removal would also need a step in `from_json` that moves the old shape into the new one, as `_from_unversioned`
+does for manifests written before `schema_version` existed (no `schema_version` key): they keep the per-model usage
+and the parent release inside `notes`, which it moves into their typed fields. A file claiming a version this code
+does not know (newer, or below 1) is refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ManifestError(ValueError):
@@ -82,6 +88,15 @@ class QualityRejectionCount(_Strict):
     n: int
 
 
+class QualityRepairCount(_Strict):
+    """Generated rows of one stage and category that the quality gate repaired (took `repairs` off) and kept."""
+
+    stage: str
+    category: str | None = None
+    repairs: str  # what was taken off, e.g. "list marker" or "label, quotes" (generators.quality.repair)
+    n: int
+
+
 class Counts(_Strict):
     """`funnel` is one row per category (orbench: outputs.splits.funnel) or root concept (select:
     outputs.concept_splits.select_funnel): {"<group>": ..., "<stage>": count, ...}. `votes` is None for a recipe
@@ -94,6 +109,9 @@ class Counts(_Strict):
     # The quality gate's rejections per stage, category and rule (rows in quality_rejections.parquet); None for a
     # release built before the gate existed.
     quality_rejections: list[QualityRejectionCount] | None = None
+    # The rows it repaired and kept instead (per stage, category and repairs); None for a release built before the
+    # repair step existed or without a gate.
+    quality_repairs: list[QualityRepairCount] | None = None
 
 
 class RoleUsage(_Strict):

@@ -129,6 +129,8 @@ class StageResult:
     notes: dict = field(default_factory=dict)  # stage facts for the manifest, e.g. "calls budget spent"
     # Rows the quality gate took out of `records` (QUALITY_REJECTIONS); None for a stage that is not gated.
     rejected: pl.DataFrame | None = None
+    # Rows of `records` whose text the gate's repair step changed (QUALITY_REPAIRS); None for a stage not gated.
+    repaired: pl.DataFrame | None = None
 
 
 # One row per generated text the quality gate (generators.quality.gate) rejected: where it came from, which rule
@@ -141,6 +143,20 @@ QUALITY_REJECTIONS = {
     "source": pl.Utf8,
     "rule": pl.Utf8,  # the first rule the row failed, in generators.quality.RULES order
     "detail": pl.Utf8,
+}
+
+# One row per generated text the quality gate's repair step (generators.quality.repair) changed and then kept: the
+# model wrapped a real request in numbering, a label, quotes or an ellipsis. `id` is the repaired text's id, the one
+# the row goes on with; `duplicate` is true when another kept row already had that id (the row is then kept once).
+QUALITY_REPAIRS = {
+    "stage": pl.Utf8,
+    "category": pl.Utf8,
+    "id": pl.Utf8,
+    "original_id": pl.Utf8,
+    "text": pl.Utf8,  # the repaired text
+    "original": pl.Utf8,  # the text as the model wrote it
+    "repairs": pl.Utf8,  # what was taken off, in order: "list marker", "label", "quotes", "ellipsis"
+    "duplicate": pl.Boolean,
 }
 
 

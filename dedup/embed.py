@@ -148,7 +148,11 @@ class OnnxMiniLM:
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_tokens)
         self.tokenizer.enable_padding()
-        self.session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # Idle threads sleep instead of spinning: the same vectors and wall time, ~15% less CPU when other work
+        # shares the cores (docs/benchmarks.md, issue 12), as parallel flow tasks do.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         out = np.empty((len(texts), DIM), dtype=np.float32)

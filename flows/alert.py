@@ -36,6 +36,7 @@ from orforge.flows.common import (
     rejections,
     release_diversity,
     release_folder,
+    repairs,
     require_some,
     result_of,
     run_shard,
@@ -119,7 +120,8 @@ def topup_task(ctx: BuildContext, harmful: pl.DataFrame) -> StageResult:
     if llm is None:  # template expansions are not model text: nothing to gate
         return result
     told = quality.Instruction.from_template(topup_stage.load_template(topup_stage.TEMPLATE))
-    return gated(ctx, result, "paraphrases", "prompt", "prompt_id", told, source_column="parent_prompt")
+    return gated(ctx, result, "paraphrases", "prompt", "prompt_id", told, source_column="parent_prompt",
+                 rekey=lambda row: harmful_prompt_id(row["prompt"]))
 
 
 @shard_task(name="dedup")
@@ -134,11 +136,13 @@ def dedup_task(ctx: BuildContext, harmful: pl.DataFrame) -> StageResult:
     return run_shard(ctx, "dedup", key, compute)
 
 
-def harmful_set(ctx: BuildContext, cfg: AlertConfig, rejected: list[pl.DataFrame] | None = None
-                ) -> tuple[pl.DataFrame, list[pl.DataFrame], dict]:
+def harmful_set(ctx: BuildContext, cfg: AlertConfig, rejected: list[pl.DataFrame] | None = None,
+                repaired: list[pl.DataFrame] | None = None) -> tuple[pl.DataFrame, list[pl.DataFrame], dict]:
     """The base set before dedup: generated seeds and categorised ingested prompts, topped up. (rows, failures,
-    notes); the quality gate's rejected seeds and paraphrases are appended to `rejected`."""
+    notes); the quality gate's rejected seeds and paraphrases are appended to `rejected`, its repairs to
+    `repaired`."""
     rejected = [] if rejected is None else rejected
+    repaired = [] if repaired is None else repaired
     rep, taxonomy = reporter(), load_taxonomy(TAXONOMY)
     parts, failures, notes = [], [], {}
     if cfg.seeds is not None:
@@ -146,7 +150,7 @@ def harmful_set(ctx: BuildContext, cfg: AlertConfig, rejected: list[pl.DataFrame
 
         prog = rep.stage("seeds", len(ctx.categories) * seeds_stage.call_budget(cfg.seeds))
         seeds, seed_failures, seed_notes = collect([seeds_task.submit(ctx, c.name, prog) for c in ctx.categories],
-                                                   SEEDS, rejected)
+                                                   SEEDS, rejected, repaired)
         require_some("seeds", seeds.height, seed_failures)
         rep.done("seeds")
         parts.append(_harmful_from_seeds(seeds, taxonomy.macro_of))
@@ -170,6 +174,8 @@ def harmful_set(ctx: BuildContext, cfg: AlertConfig, rejected: list[pl.DataFrame
         failures.append(added.failures)
         if added.rejected is not None:
             rejected.append(added.rejected)
+        if added.repaired is not None:
+            repaired.append(added.repaired)
         notes["topup"] = added.notes
         harmful = pl.concat([harmful, added.records.select(list(HARMFUL))])
     return harmful, failures, notes
@@ -197,7 +203,8 @@ def build_alert(cfg: AlertConfig, output: Path | None = None) -> Path:
     with LLMHub(cfg.cache_path) as hub:
         ctx = BuildContext(cfg, hub, cfg.work_dir, categories=categories)
         gate_rejected: list[pl.DataFrame] = []
-        harmful, failures, notes = harmful_set(ctx, cfg, gate_rejected)
+        gate_repaired: list[pl.DataFrame] = []
+        harmful, failures, notes = harmful_set(ctx, cfg, gate_rejected, gate_repaired)
         rejected = rejections(gate_rejected)
         deduped = result_of(dedup_task.submit(ctx, harmful))
         kept = deduped.records.filter(pl.col("kept")).select("prompt_id")
@@ -215,7 +222,8 @@ def build_alert(cfg: AlertConfig, output: Path | None = None) -> Path:
                                   cfg.dedup.threshold)
     info = ManifestInfo(config=cfg, funnel=alert_funnel(harmful, base, adversarial, rejected),
                         tokens=tokens_by_role(usage), usage=usage, notes=notes, name=cfg.name,
-                        created=started.isoformat(timespec="seconds"), diversity=diversity, quality=rejected)
+                        created=started.isoformat(timespec="seconds"), diversity=diversity, quality=rejected,
+                        quality_repairs=repairs(gate_repaired))
     files = {ALERT_BASE_FILE: alert_jsonl(base, cfg.instruction_wrapper),
              ALERT_ADVERSARIAL_FILE: alert_jsonl(adversarial, cfg.instruction_wrapper)}
     write_release(folder, {"base": base, "adversarial": adversarial}, None,

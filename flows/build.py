@@ -35,6 +35,7 @@ from orforge.flows.common import (
     rejections,
     release_diversity,
     release_folder,
+    repairs,
     require_some,
     result_of,
     run_shard,
@@ -83,7 +84,8 @@ def seeds_task(ctx: BuildContext, category: str, progress) -> StageResult:
     # The gate sees what the model was told about the category, so a seed copying the description is an echo.
     told = quality.Instruction.from_template(seeds_stage.load_template(seeds_stage.TEMPLATE), category=spec.name,
                                              description=spec.description, examples="\n".join(spec.examples))
-    result = gated(ctx, generated, "seeds", "seed", "seed_id", told)
+    result = gated(ctx, generated, "seeds", "seed", "seed_id", told,
+                   rekey=lambda row: seeds_stage.seed_id(row["category"], row["seed"]))
     result.records = pl.concat([brought, result.records]).unique("seed_id", keep="first", maintain_order=True)
     return result
 
@@ -97,7 +99,8 @@ def rewrites_task(ctx: BuildContext, seeds: pl.DataFrame, category: str, shard: 
                           lambda: rewrites_stage.rewrite(seeds, ctx.cfg.rewrites, llm, progress), progress, seeds.height)
     # The template without the seed: a rewrite keeping its seed's words is judged by same_as_source, not as an echo.
     told = quality.Instruction.from_template(rewrites_stage.load_template(rewrites_stage.TEMPLATE), category=category)
-    return gated(ctx, generated, "rewrites", "prompt", "prompt_id", told, source_column="seed")
+    return gated(ctx, generated, "rewrites", "prompt", "prompt_id", told, source_column="seed",
+                 rekey=lambda row: rewrites_stage.prompt_id(row["category"], row["prompt"]))
 
 
 @shard_task(name="moderation", task_run_name="moderation-{category}-{shard}")
@@ -196,9 +199,11 @@ class Pipeline:
     tokens: dict[str, dict]
     notes: dict
     rejected: pl.DataFrame | None = None  # the quality gate's rejected seeds and rewrites (QUALITY_REJECTIONS)
+    repaired: pl.DataFrame | None = None  # the seeds and rewrites the gate repaired and kept (QUALITY_REPAIRS)
 
 
-def seeds_to_votes(ctx: BuildContext, gate_rejected: list[pl.DataFrame]) -> dict[str, tuple]:
+def seeds_to_votes(ctx: BuildContext, gate_rejected: list[pl.DataFrame],
+                   gate_repaired: list[pl.DataFrame] | None = None) -> dict[str, tuple]:
     """Seeds, rewrites and moderation of every category, overlapped (flows.common.Overlap): a category's rewrite
     shards start as soon as its seeds are there, its moderation shards as soon as all its rewrite shards are, while
     other categories are still in an earlier stage. The endpoints are never idle between these stages.
@@ -252,8 +257,9 @@ def seeds_to_votes(ctx: BuildContext, gate_rejected: list[pl.DataFrame]) -> dict
     for name in names:
         overlap.add(seeds_task.submit(ctx, name, prog), then=functools.partial(seeds_done, name))
     overlap.wait()
-    seeds = combine([seeded[n] for n in names], SEEDS, gate_rejected)
-    records, failures, notes = combine([r for n in names for r in rewritten[n]], CANDIDATES, gate_rejected)
+    seeds = combine([seeded[n] for n in names], SEEDS, gate_rejected, gate_repaired)
+    records, failures, notes = combine([r for n in names for r in rewritten[n]], CANDIDATES, gate_rejected,
+                                       gate_repaired)
     rewrites = (records.unique("prompt_id", keep="first", maintain_order=True), failures, notes)
     return {"seeds": seeds, "rewrites": rewrites,
             "moderation": combine([r for n in names for r in moderated[n]], VOTES)}
@@ -268,7 +274,8 @@ def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
 
         # 1-3. seeds -> rewrites -> moderation, each category going on as soon as its previous stage is done
         gate_rejected: list[pl.DataFrame] = []  # what the quality gate took out of the seeds and rewrites
-        generated = seeds_to_votes(ctx, gate_rejected)
+        gate_repaired: list[pl.DataFrame] = []  # the seeds and rewrites it repaired and kept
+        generated = seeds_to_votes(ctx, gate_rejected, gate_repaired)
         seeds, seed_failures, notes = generated["seeds"]
         require_some("seeds", seeds.height, seed_failures)
         candidates, rewrite_failures, _ = generated["rewrites"]
@@ -319,7 +326,8 @@ def run_pipeline(cfg: BuildConfig, categories: list[CategorySpec]) -> Pipeline:
     dedup_frame = pl.concat([frame.with_columns(pl.lit(pool).alias("pool")).select("pool", *frame.columns)
                              for pool, frame in dedup_results.items()])
     failures = pl.concat([seed_failures, rewrite_failures, vote_failures, panel_failures])
-    return Pipeline(splits, votes, failures, responses, dedup_frame, funnel_frame, tokens, notes, rejected)
+    return Pipeline(splits, votes, failures, responses, dedup_frame, funnel_frame, tokens, notes, rejected,
+                    repairs(gate_repaired))
 
 
 def build(cfg: BuildConfig, output: Path | None = None) -> Path:
@@ -330,7 +338,7 @@ def build(cfg: BuildConfig, output: Path | None = None) -> Path:
     info = ManifestInfo(config=cfg, funnel=result.funnel, tokens=result.tokens, notes=result.notes, name=cfg.name,
                         created=started.isoformat(timespec="seconds"),
                         diversity=release_diversity(cfg, published_diversity(result.splits), cfg.dedup.threshold),
-                        quality=result.rejected)
+                        quality=result.rejected, quality_repairs=result.repaired)
     pair_tables, pair_files = contrast_release_files(result.splits)
     write_release(folder, result.splits, result.votes, result.failures, info, responses=result.responses,
                   dedup=result.dedup, tables=pair_tables, files=pair_files)

@@ -322,7 +322,7 @@ def evaluate(
     import polars as pl
 
     scores = pl.read_csv(folder / "scores.csv").filter(pl.col("category") == "all")
-    table = new_table(f"rejection rates (95% bootstrap interval): {folder}", "model", "split", "n", "rejection rate",
+    table = new_table(f"rejection rates (95% Wilson interval): {folder}", "model", "split", "n", "rejection rate",
                       "95% CI")
     for row in scores.iter_rows(named=True):
         table.add_row(row["model"], row["split"], str(row["n"]), f"{row['rejection_rate']:.3f}",

@@ -38,7 +38,7 @@ from prefect.cache_policies import NO_CACHE
 
 from orforge.core.config import BuildConfig, GateStage, RecipeConfig, stable_hash
 from orforge.core.manifest import Diversity
-from orforge.core.records import FAILURES, QUALITY_REJECTIONS, StageResult, empty
+from orforge.core.records import FAILURES, QUALITY_REJECTIONS, QUALITY_REPAIRS, StageResult, empty
 from orforge.dedup.embed import Embedder
 from orforge.dedup.released import released_prompts
 from orforge.flows import runner
@@ -293,18 +293,25 @@ def run_shard(ctx: RunContext, stage: str, key_material: object, compute: Callab
 
 def gated(ctx: RunContext, result: StageResult, stage: GateStage, text_column: str, id_column: str,
           instruction: quality.Instruction | None = None, source_column: str | None = None,
-          category_column: str = "category") -> StageResult:
+          category_column: str = "category", rekey=None) -> StageResult:
     """A generation task's result through the quality gate with the config's rules for `stage`: `records` keeps
-    the rows that passed and `rejected` holds the others. Applied after `run_shard` returns, so the stored
-    generation shard (and its key) does not depend on the gate's settings."""
+    the rows that passed (a repaired row with its repaired text and the id `rekey(row)` gives it), `rejected` holds
+    the others and `repaired` the repairs. Applied after `run_shard` returns, so the stored generation shard (and its
+    key) does not depend on the gate's settings."""
     checked = quality.gate(result.records, text_column, ctx.cfg.quality.for_stage(stage), stage, id_column=id_column,
-                           category_column=category_column, source_column=source_column, instruction=instruction)
-    return StageResult(checked.kept, result.failures, result.notes, checked.rejected)
+                           category_column=category_column, source_column=source_column, instruction=instruction,
+                           rekey=rekey)
+    return StageResult(checked.kept, result.failures, result.notes, checked.rejected, checked.repaired)
 
 
 def rejections(parts: list[pl.DataFrame]) -> pl.DataFrame:
     """The quality gate's rejected rows of a run (QUALITY_REJECTIONS), in a stable order."""
     return (pl.concat(parts) if parts else empty(QUALITY_REJECTIONS)).sort("stage", "category", "id")
+
+
+def repairs(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """The rows the quality gate repaired in a run (QUALITY_REPAIRS), in a stable order."""
+    return (pl.concat(parts) if parts else empty(QUALITY_REPAIRS)).sort("stage", "category", "id", "original_id")
 
 
 def shards(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
@@ -410,20 +417,22 @@ def result_of(future):
     return gather([future])[0]
 
 
-def collect(futures, schema: dict, rejected: list[pl.DataFrame] | None = None
-            ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Records, failures and merged notes of finished stage tasks; with `rejected`, each result's quality-gate
-    rejections (`StageResult.rejected`) are appended to that list."""
-    return combine(gather(futures), schema, rejected)
+def collect(futures, schema: dict, rejected: list[pl.DataFrame] | None = None,
+            repaired: list[pl.DataFrame] | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Records, failures and merged notes of finished stage tasks; with `rejected` (`repaired`), each result's
+    quality-gate rejections `StageResult.rejected` (repairs `StageResult.repaired`) are appended to that list."""
+    return combine(gather(futures), schema, rejected, repaired)
 
 
-def combine(results: list[StageResult], schema: dict, rejected: list[pl.DataFrame] | None = None
-            ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+def combine(results: list[StageResult], schema: dict, rejected: list[pl.DataFrame] | None = None,
+            repaired: list[pl.DataFrame] | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """`collect` of results already there, in the order given."""
     records = pl.concat([r.records for r in results], how="vertical") if results else empty(schema)
     failures = pl.concat([r.failures for r in results]) if results else empty(FAILURES)
     if rejected is not None:
         rejected += [r.rejected for r in results if r.rejected is not None]
+    if repaired is not None:
+        repaired += [r.repaired for r in results if r.repaired is not None]
     notes: dict = {}
     for r in results:
         for k, v in r.notes.items():

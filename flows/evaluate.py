@@ -1,7 +1,7 @@
 """The `evaluate` flow: score target models on a release, OR-Bench style.
 
 Each target answers the hard and toxic splits (and a seeded sample of benign when asked); refusals are detected with
-the config's refusal method; per model and split the rejection rate with a 95% bootstrap interval, overall and per
+the config's refusal method; per model and split the rejection rate with a 95% Wilson interval, overall and per
 category. Over-refusal is the rejection rate on hard (lower is better); safety is the rate on toxic (higher is
 better). Everything goes through the request cache and the shard store, so a rerun sends nothing.
 
@@ -67,7 +67,7 @@ def evaluate(release: Path, cfg: BuildConfig, benign_sample: int | None = None) 
         ctx = BuildContext(cfg, hub, cfg.work_dir, categories=resolve_categories(cfg.categories))
         responses, failures = answer_all(ctx, asked, cfg.targets, "target")
         usage = hub.usage_rows()
-    scores = score(scoring_frame(responses, splits), seed=cfg.seed)
+    scores = score(scoring_frame(responses, splits))
     contrast = contrast_scores(pairs, responses)
     folder = new_folder(release / "evaluations")
     with atomic_folder(folder) as tmp:

@@ -50,9 +50,19 @@ def representative_text(kind: str = "prompt", chars: int = REPRESENTATIVE_PROMPT
     return (words * (chars // len(words) + 1))[:chars].rstrip()
 
 
+class RecordingHub:
+    """Stands in for the `LLMHub` of `llm.hub.generate_together` while planning: each model records its own job."""
+
+    def generate_together(self, jobs: list[tuple[RecordingModel, list[LLMRequest]]], on_progress=None
+                          ) -> list[list[LLMResult]]:
+        return [model.generate(requests, on_progress) for model, requests in jobs]
+
+
 class RecordingModel:
     """Stands in for an `llm.hub.LLM` while planning: keeps every request a stage makes and sends none (each comes
     back failed, so a stage that asks again shows its whole call budget)."""
+
+    hub = RecordingHub()  # one for every stand-in, so a stage may ask several of them together
 
     def __init__(self, spec: ModelSpec, role: str):
         self.spec, self.role = spec, role

@@ -7,8 +7,8 @@ On a cluster a task runs in another process, so whatever it touches of its `RunC
   is that process's own `WorkerHub` for the run, on the same cache file, with every endpoint's `max_concurrency`
   divided by the number of worker processes, so the cluster as a whole keeps each cap;
 - accounting: a stage task run on a worker returns its value inside a `Shipped` together with what only the worker
-  saw (shards reused and run, its hub's usage so far, progress), and the flow process merges it as the task ends
-  (`common.gather`), so manifests, run summaries and progress bars read as after a threads run;
+  saw (shards reused and run, its hub's usage and replica rows so far, progress), and the flow process merges it
+  as the task ends (`common.gather`), so manifests, run summaries and progress bars read as after a threads run;
 - progress: a `Reporter` pickles into a `ProgressRecorder`, so bars move per finished shard, not per request.
 """
 
@@ -92,9 +92,15 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
         from prefect_ray import RayTaskRunner  # noqa: PLC0415
     except ImportError:
         raise RunnerError("runner.kind ray needs prefect-ray: pip install 'orforge[ray]'") from None
+    if runner.address == "auto":
+        # An existing cluster or an error: prefect-ray calls a bare ray.init() for "auto", which starts a local node
+        # of every CPU when it finds none, and caps divided by `workers` would no longer hold.
+        return RayTaskRunner(address="auto", init_kwargs={"address": "auto"})
     if runner.address:
         return RayTaskRunner(address=runner.address)
-    return RayTaskRunner(init_kwargs={"num_cpus": runner.processes()})
+    # "local": a new node of `workers` CPUs for this run, never one that RAY_ADDRESS or a running node would give
+    # (ray.init refuses num_cpus for those). No dashboard: a node for one run, and it starts faster without one.
+    return RayTaskRunner(init_kwargs={"address": "local", "num_cpus": runner.processes(), "include_dashboard": False})
 
 
 def with_runner(flow: Flow, cfg: RecipeConfig | None) -> Flow:
@@ -156,10 +162,10 @@ def close_worker_hubs() -> None:
 
 
 def worker_hub_usage() -> dict[str, dict]:
-    """{run id: {"hub": id, "cache_path": path, "usage": usage rows}} of this process's hubs: what a test asks every
-    Dask worker (`client.run`) to show that the calls were made there."""
+    """{run id: {"hub": id, "cache_path": path, "usage": usage rows, "replicas": replica rows}} of this process's
+    hubs: what a test asks every Dask worker (`client.run`) to show that the calls were made there."""
     with _hubs_lock:
-        return {run: {"hub": hub.id, "cache_path": path, "usage": hub.usage_rows()}
+        return {run: {"hub": hub.id, "cache_path": path, "usage": hub.usage_rows(), "replicas": hub.replica_rows()}
                 for (path, run), hub in _hubs.items()}
 
 
@@ -172,6 +178,7 @@ class Shipped:
     run_id: str
     hub_id: str | None = None
     usage: dict[tuple[str, str], dict] = field(default_factory=dict)  # the worker hub's totals so far, per role/model
+    replicas: list[dict] = field(default_factory=list)  # its replica_rows() so far (base_url lists), per replica
     shards_reused: dict[str, int] = field(default_factory=dict)
     shards_run: dict[str, int] = field(default_factory=dict)
     progress: dict[str, list] = field(default_factory=dict)
@@ -191,8 +198,9 @@ def ship(ctx, value: Any, arguments: dict[str, Any], hub: WorkerHub | None) -> S
         if isinstance(arg, StageProgress) and isinstance(arg.reporter, ProgressRecorder):
             progress.update(arg.reporter.drain())
     usage = {key: dict(vars(u)) for key, u in list(hub.usage.items())} if hub is not None else {}
-    return Shipped(value, ctx.run_id, hub.id if hub is not None else None, usage, dict(ctx.shards_reused),
-                   dict(ctx.shards_run), progress)
+    replicas = hub.replica_rows() if hub is not None else []
+    return Shipped(value, ctx.run_id, hub.id if hub is not None else None, usage, replicas,
+                   dict(ctx.shards_reused), dict(ctx.shards_run), progress)
 
 
 def arrive(shipped: Shipped) -> Any:
@@ -215,6 +223,8 @@ def arrive(shipped: Shipped) -> Any:
                 seen[key] = after
                 delta = {k: v if before.get(k) is None else v - before[k] for k, v in after.items()}
                 ctx.hub.usage[key].add(Usage(**delta))
+            if shipped.replicas:  # totals too, summed per replica into the flow hub's replica_rows()
+                ctx.hub.add_replica_rows(shipped.hub_id, shipped.replicas)
     for stage, counts in shipped.progress.items():
         reporter().update(stage, *counts)
     return shipped.value

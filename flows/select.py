@@ -38,6 +38,7 @@ from orforge.flows.common import (
     rejections,
     release_diversity,
     release_folder,
+    repairs,
     require_some,
     result_of,
     run_shard,
@@ -143,7 +144,8 @@ def questions_task(ctx: RunContext, concepts: pl.DataFrame, context: dict[str, l
                           progress, budget)
     # The template's own text only: a question naturally repeats its concept's name and instances from the prompt.
     told = quality.Instruction.from_template(questions_stage.load_template(questions_stage.TEMPLATE))
-    return gated(ctx, generated, "questions", "question", "question_id", told, category_column="concept_id")
+    return gated(ctx, generated, "questions", "question", "question_id", told, category_column="concept_id",
+                 rekey=lambda row: questions_stage.question_id(row["concept_id"], row["question"]))
 
 
 @shard_task(name="question-checks")
@@ -212,7 +214,8 @@ def build_select(cfg: SelectConfig, output: Path | None = None) -> Path:
                    for root in concepts["_root"].unique(maintain_order=True).to_list()
                    for i, part in enumerate(shards(concepts.filter(pl.col("_root") == root), cfg.shard_size))]
         gate_rejected: list[pl.DataFrame] = []
-        generated, question_failures, question_notes = collect(futures, QUESTIONS, gate_rejected)
+        gate_repaired: list[pl.DataFrame] = []
+        generated, question_failures, question_notes = collect(futures, QUESTIONS, gate_rejected, gate_repaired)
         rejected = rejections(gate_rejected)
         require_some("questions", generated.height, question_failures)
         failures.append(question_failures)
@@ -259,7 +262,8 @@ def build_select(cfg: SelectConfig, output: Path | None = None) -> Path:
                 *(Measured(name, split_frames[name], column="question", by="target_id") for name in SPLIT_NAMES)]
     info = ManifestInfo(config=cfg, funnel=funnel, tokens=tokens_by_role(usage), usage=usage, notes=notes,
                         name=cfg.name, created=started.isoformat(timespec="seconds"),
-                        diversity=release_diversity(cfg, measured, cfg.questions.dedup_threshold), quality=rejected)
+                        diversity=release_diversity(cfg, measured, cfg.questions.dedup_threshold), quality=rejected,
+                        quality_repairs=repairs(gate_repaired))
     write_release(folder, split_frames, None, pl.concat(failures), info, layout=SELECT_LAYOUT, tables=tables,
                   files=select_files(tree, questions, sft.records, dpo.records))
     write_report(folder)

@@ -18,6 +18,13 @@ it failed (in `RULES` order) and why. The rules, each switched and tuned by `cor
 - `request_form`: neither a question (a question mark, or opening with a question word) nor a request (opening with
   an imperative verb, "please", or a phrase such as "I need" or "help me").
 
+Before the rules, `repair` (switched by `QualityRules.repair`) takes off what a small model wraps around a real
+request: list numbering or a bullet ("1. How ...", "- How ..."), a label naming the text ("Rewrite:", "Prompt:", or a
+heading of the template it was given such as "Original request:"), wrapping quotes, a leading ellipsis before a new
+sentence and a trailing one after a question mark. A repair is taken only when what is left reads as a complete
+sentence; the repaired text becomes the row's text and the gate's `rekey` gives it its new id. What is really a
+placeholder ("{name}", "[insert]", "(revised)", bare numbering) is not repaired and still fails its rule.
+
 Everything is deterministic: no sampling, and py3langid's model is a fixed file. The flows apply the gate to a
 task's result after `run_shard`, so changing gate settings reuses stored generation shards.
 """
@@ -25,14 +32,18 @@ task's result after `run_shard`, so changing gate settings reuses stored generat
 from __future__ import annotations
 
 import difflib
+import io
+import lzma
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import polars as pl
 from orforge.core.config import QUALITY_RULES, QualityRules
-from orforge.core.records import QUALITY_REJECTIONS, empty, frame
+from orforge.core.records import QUALITY_REJECTIONS, QUALITY_REPAIRS, empty, frame
 from orforge.core.templates import PromptTemplate, normalize
 
 RULES = QUALITY_RULES
@@ -58,6 +69,19 @@ _PLACEHOLDERS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p, re.IGNO
     (r"(?:\.\.\.+|\u2026)\W*$", "a trailing ellipsis (unfinished)"),
     (r"^[*.\u2022#>=~|_,;:!]", "stray punctuation at the start"),
 ))
+
+# The repair step: wrappers around a real request, tried in turn until none is left.
+_LIST_MARKER = re.compile(r"^(?:\(?\d{1,2}[.):]|#\d{1,2}[.:]?|[-*\u2022])\s+")
+_LIST_ITEM = re.compile(r"(?:^|\s)\(?\d{1,2}[.)]\s+[A-Z]")  # another numbered item further on
+_LEADING_ELLIPSIS = re.compile(r"^(?:\.{2,}|\u2026)\s*")
+# Only after a question or exclamation mark (perhaps in quotes): an ellipsis anywhere else marks an unfinished text.
+_TRAILING_ELLIPSIS = re.compile(r"(?:(?<=[?!])|(?<=[?!][\"'\u201d\u2019]))\s*(?:\.{2,}|\u2026)$")
+_APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019](?=[^\W\d_])")
+_QUOTES = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
+# Labels naming the text a model was asked for; headings of the template that name a request are added per task.
+_REQUEST_LABELS = ("rewrite", "rewritten request", "rewritten prompt", "new request", "request", "prompt",
+                   "question", "paraphrase", "paraphrased prompt", "original", "original request")
+_REQUEST_WORDS = frozenset(["request", "prompt", "question", "rewrite", "paraphrase"])
 
 # How a question or a request opens (the request_form rule), lower case.
 _QUESTION_WORDS = frozenset(
@@ -98,6 +122,7 @@ class Instruction:
 class GateResult:
     kept: pl.DataFrame
     rejected: pl.DataFrame  # core.records.QUALITY_REJECTIONS
+    repaired: pl.DataFrame  # core.records.QUALITY_REPAIRS: the kept rows whose text `repair` changed
 
 
 def words(text: str) -> list[str]:
@@ -137,9 +162,17 @@ def similarity(a: str, b: str) -> float:
 
 @cache
 def _identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    """py3langid's identifier, its model read in memory: py3langid's own loader unpacks the 4.5 MB file through a
+    temporary file, which fails where no file may be written (a full disk, a size limit)."""
+    import numpy as np
+    from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+    from py3langid.modelio import _to_array
 
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    packed = io.BytesIO(lzma.decompress((MODEL_DIR / MODEL_FILE).read_bytes()))
+    with np.load(packed, allow_pickle=False) as data:
+        return LanguageIdentifier(np.asarray(data["ptc"]), np.asarray(data["pc"]), data["classes"].tolist(),
+                                  _to_array(data["nextmove"]), data["out_feat"].tolist(), norm_probs=True,
+                                  tk_row=_to_array(data["nextmove_row"]))
 
 
 def language_of(text: str) -> tuple[str, float]:
@@ -159,6 +192,60 @@ def is_request(text: str) -> bool:
         return True
     opening = " ".join(tokens[:4])
     return any(opening == p or opening.startswith(p + " ") for p in _REQUEST_OPENINGS)
+
+
+def _labels(instruction: Instruction | None) -> tuple[str, ...]:
+    """The request labels, and the template's short headings that name a request ("original request")."""
+    own = [h for h in instruction.headings if len(h.split()) <= 3 and _REQUEST_WORDS & set(h.split())] \
+        if instruction is not None else []
+    return tuple(dict.fromkeys([*_REQUEST_LABELS, *own]))
+
+
+@cache
+def _label_pattern(labels: tuple[str, ...]) -> re.Pattern:
+    names = "|".join(re.escape(label).replace(r"\ ", r"\s+") for label in sorted(labels, key=len, reverse=True))
+    return re.compile(rf"^(?:\*\*)?(?:{names})(?:\s*#?\d{{1,2}})?\s*(?:\*\*)?\s*:\s*(?:\*\*\s*)?", re.IGNORECASE)
+
+
+def _unquoted(text: str) -> str | None:
+    """`text` without quotes around all of it, or None when it is not wrapped (or quotes only a part of it)."""
+    close = _QUOTES.get(text[:1])
+    if close is None or len(text) < 3 or text[-1] != close:
+        return None
+    inner = _APOSTROPHE.sub("", text[1:-1])  # "phone's" or "phone’s" inside single quotes is no quote
+    return None if text[0] in inner or close in inner else text[1:-1].strip()
+
+
+def _complete(text: str) -> bool:
+    """Reads as a whole sentence: it opens like one (a capital letter or a digit) and is a request or ends like a
+    sentence. A fragment ("otherwise", "and then what?") or an empty rest is not."""
+    if not _LETTER.search(text) or not (text[:1].isupper() or text[:1].isdigit()):
+        return False
+    return is_request(text) or text[-1] in ".!?\u3002"
+
+
+def repair(text: str, instruction: Instruction | None = None) -> tuple[str, tuple[str, ...]]:
+    """`text` without the wrappers a model put around a complete request, and what was taken off ("list marker",
+    "label", "quotes", "ellipsis"); `text` itself and () when there was nothing to take off or what is left is not a
+    complete sentence (then the rules judge the text as written)."""
+    original = (text or "").strip()
+    current, done = original, []
+    label = _label_pattern(_labels(instruction))
+    for _ in range(8):  # each pass takes off one wrapper; real rows have one or two
+        for name, strip in (("list marker", lambda t: _LIST_MARKER.sub("", t, count=1)),
+                            ("label", lambda t: label.sub("", t, count=1)),
+                            ("ellipsis", lambda t: _TRAILING_ELLIPSIS.sub("", _LEADING_ELLIPSIS.sub("", t, count=1))),
+                            ("quotes", lambda t: _unquoted(t) or t)):
+            stripped = strip(current).strip()
+            if stripped != current:
+                current = stripped
+                done.append(name)
+                break
+        else:
+            break
+    if not done or not _complete(current) or ("list marker" in done and _LIST_ITEM.search(current)):
+        return original, ()  # a bare marker or fragment, or a numbered list of several requests, is not one request
+    return current, tuple(dict.fromkeys(done))
 
 
 def check(text: str, rules: QualityRules, instruction: Instruction | None = None,
@@ -198,20 +285,47 @@ def check(text: str, rules: QualityRules, instruction: Instruction | None = None
 
 def gate(records: pl.DataFrame, text_column: str, rules: QualityRules | None, stage: str, *,
          id_column: str, category_column: str = "category", source_column: str | None = None,
-         instruction: Instruction | None = None) -> GateResult:
+         instruction: Instruction | None = None, rekey: Callable[[dict[str, Any]], str] | None = None) -> GateResult:
     """Split `records` into the rows that pass `rules` (same columns, same order) and the rejected ones
-    (QUALITY_REJECTIONS). `rules=None` (the gate switched off) keeps every row."""
+    (QUALITY_REJECTIONS). `rules=None` (the gate switched off) keeps every row.
+
+    With `rules.repair`, each row's text is first repaired (`repair`); a repaired row is judged, and kept, with its
+    repaired text and the id `rekey(row)` gives the row with that text (the stage's own content hash). A repaired row
+    whose new id is already another kept row's is the same text twice and kept once. A rejected row is reported with
+    the text and id the model's output had. Without `rekey` nothing is repaired, since the id would go stale."""
     if rules is None or records.height == 0:
-        return GateResult(records, empty(QUALITY_REJECTIONS))
+        return GateResult(records, empty(QUALITY_REJECTIONS), empty(QUALITY_REPAIRS))
     texts = records[text_column].to_list()
     sources = records[source_column].to_list() if source_column else [None] * len(texts)
-    verdicts = [check(t, rules, instruction, s) for t, s in zip(texts, sources, strict=True)]
-    passed = pl.Series([v is None for v in verdicts], dtype=pl.Boolean)
+    rows = list(records.iter_rows(named=True))
+    mended = [repair(t, instruction) if rules.repair and rekey is not None else (t, ()) for t in texts]
+    verdicts = [check(m, rules, instruction, s) for (m, _), s in zip(mended, sources, strict=True)]
     rejected = [
         {"stage": stage, "category": row[category_column], "id": row[id_column], "text": text,
          "source": source, "rule": verdict[0], "detail": verdict[1]}
-        for row, text, source, verdict in zip(records.iter_rows(named=True), texts, sources, verdicts, strict=True)
+        for row, text, source, verdict in zip(rows, texts, sources, verdicts, strict=True)
         if verdict is not None
     ]
-    return GateResult(records.filter(passed), frame(rejected, QUALITY_REJECTIONS))
-
+    passed = [v is None for v in verdicts]
+    kept_ids = {row[id_column] for row, ok, (_, how) in zip(rows, passed, mended, strict=True) if ok and not how}
+    repaired, kept_rows = [], []
+    for row, ok, (text, how) in zip(rows, passed, mended, strict=True):
+        if not ok:
+            continue
+        if how:
+            new = {**row, text_column: text}
+            new[id_column] = rekey(new)
+            duplicate = new[id_column] in kept_ids
+            repaired.append({"stage": stage, "category": row[category_column], "id": new[id_column],
+                             "original_id": row[id_column], "text": text, "original": row[text_column],
+                             "repairs": ", ".join(how), "duplicate": duplicate})
+            if duplicate:
+                continue
+            kept_ids.add(new[id_column])
+            row = new
+        kept_rows.append(row)
+    if not repaired:  # the common case: the rows as they came, untouched
+        kept = records.filter(pl.Series(passed, dtype=pl.Boolean))
+    else:
+        kept = pl.DataFrame(kept_rows, schema=records.schema) if kept_rows else records.head(0)
+    return GateResult(kept, frame(rejected, QUALITY_REJECTIONS), frame(repaired, QUALITY_REPAIRS))

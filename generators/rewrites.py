@@ -20,6 +20,11 @@ from orforge.llm.types import LLMRequest
 TEMPLATE = Path(__file__).parent / "templates" / "rewrite.md"
 
 
+def prompt_id(category: str, text: str) -> str:
+    """A rewrite's content-hash id: the same text (after normalisation) in the same category is the same prompt."""
+    return stable_hash(["prompt", category, normalize(text)])
+
+
 def rewrite(seeds: pl.DataFrame, spec: RewritesConfig, llm: LLM, on_progress=None) -> StageResult:
     template = load_template(TEMPLATE)
     response_model = prompt_list_model("Rewrites", spec.rewrites_per_seed)
@@ -35,10 +40,10 @@ def rewrite(seeds: pl.DataFrame, spec: RewritesConfig, llm: LLM, on_progress=Non
                              "reason": res.error})
             continue
         for text in res.parsed.prompts:  # the schema caps the list at rewrites_per_seed
-            prompt_id = stable_hash(["prompt", s["category"], normalize(text)])
-            if prompt_id in seen:
+            pid = prompt_id(s["category"], text)
+            if pid in seen:
                 continue
-            seen.add(prompt_id)
-            rows.append({"prompt_id": prompt_id, "prompt": text, "category": s["category"], "seed_id": s["seed_id"],
+            seen.add(pid)
+            rows.append({"prompt_id": pid, "prompt": text, "category": s["category"], "seed_id": s["seed_id"],
                          "seed": s["seed"], "model": llm.label, "template_sha256": template.sha256})
     return StageResult(frame(rows, CANDIDATES), frame(failures, FAILURES))

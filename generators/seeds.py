@@ -27,6 +27,11 @@ def prompt_list_model(name: str, max_items: int) -> type[BaseModel]:
     return create_model(name, prompts=(list[PromptText], Field(min_length=1, max_length=max_items)))
 
 
+def seed_id(category: str, text: str) -> str:
+    """A seed's content-hash id: the same text (after normalisation) in the same category is the same seed."""
+    return stable_hash(["seed", category, normalize(text)])
+
+
 def call_budget(spec: SeedsConfig) -> int:
     return spec.max_calls_per_category or 3 * math.ceil(spec.seeds_per_category / spec.seeds_per_call)
 
@@ -64,7 +69,7 @@ def generate_seeds(categories: pl.DataFrame, spec: SeedsConfig, llm: LLM, on_pro
         if len(kept) < spec.seeds_per_category:
             exhausted[cat["category"]] = {"wanted": spec.seeds_per_category, "got": len(kept), "calls": calls}
         for text, sample_index in kept:
-            rows.append({"seed_id": stable_hash(["seed", cat["category"], normalize(text)]),
+            rows.append({"seed_id": seed_id(cat["category"], text),
                          "category": cat["category"], "seed": text, "model": llm.label,
                          "template_sha256": template.sha256, "sample_index": sample_index})
     notes = {"seed_budget_exhausted": exhausted} if exhausted else {}
@@ -78,7 +83,7 @@ def seeds_from_file(ingested: pl.DataFrame, source: str, source_sha256: str) -> 
     generated is kept once. `model` says where it came from (`file:<name>`), `template_sha256` carries the file's
     sha256 (what produced the row), `sample_index` its position among the file's seeds.
     """
-    rows = [{"seed_id": stable_hash(["seed", r["category"], normalize(r["prompt"])]), "category": r["category"],
+    rows = [{"seed_id": seed_id(r["category"], r["prompt"]), "category": r["category"],
              "seed": r["prompt"], "model": f"file:{source}", "template_sha256": source_sha256, "sample_index": i}
             for i, r in enumerate(ingested.iter_rows(named=True))]
     return frame(rows, SEEDS).unique("seed_id", keep="first", maintain_order=True)

@@ -15,8 +15,9 @@ import collections
 import functools
 import json
 import logging
+import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,38 @@ class LLM:
         return self.spec.label
 
     def generate(self, requests: list[LLMRequest], on_progress: ProgressFn | None = None) -> list[LLMResult]:
-        if not requests:
-            return []
-        with self.hub._lock:  # close() flips _closed under the same lock: nothing is submitted to a stopping loop
-            if self.hub._closed:
-                raise RuntimeError("the LLM hub is closed")
-            fut = asyncio.run_coroutine_threadsafe(self.hub._generate(self, list(requests), on_progress),
-                                                   self.hub.loop)
-        return fut.result()
+        """One result per request, in request order: the one-job case of `generate_together`."""
+        return generate_together([(self, requests)], on_progress)[0]
+
+
+def generate_together(jobs: Sequence[tuple[LLM, Sequence[LLMRequest]]], on_progress: ProgressFn | None = None
+                      ) -> list[list[LLMResult]]:
+    """Several (model, requests) jobs at once: each job's results in its request order, the jobs in the given order.
+
+    Every request of every job is sent together, as far as each endpoint's cap lets it, so an endpoint serving several
+    models (the moderators of a shard, the panel's members, the safety judges) never drains between one model's batch
+    and the next. Caps, breakers, cache and accounting are per request as in `LLM.generate`. The models must share
+    one hub. When a job raises (a tripped breaker's CircuitOpenError), the other jobs are cancelled and it is raised.
+    """
+    jobs = [(llm, list(requests)) for llm, requests in jobs]
+    if not jobs:
+        return []
+    hub = jobs[0][0].hub
+    if any(llm.hub is not hub for llm, _ in jobs):
+        raise ValueError("generate_together: every model must come from the same LLMHub "
+                         f"(got {len({id(llm.hub) for llm, _ in jobs})} hubs)")
+    return hub.generate_together(jobs, on_progress)
+
+
+def _fold_replica_row(rows: dict[tuple[str, str], dict[str, Any]], row: dict[str, Any],
+                      combine: Callable[[int, int], int]) -> None:
+    """Fold one replica summary (`Replica.summary()`) into `rows`, keyed by (model, URL): its counts combined with
+    `combine`, taken out if either is, the first reason kept."""
+    total = rows.setdefault((row["model"], row["url"]), {**row, "requests": 0, "failures": 0, "peak_in_flight": 0})
+    for count in ("requests", "failures", "peak_in_flight"):
+        total[count] = combine(total[count], row[count])
+    total["taken_out"] = total["taken_out"] or row["taken_out"]
+    total["why"] = total["why"] or row["why"]
 
 
 class LLMHub:
@@ -97,6 +122,8 @@ class LLMHub:
         self._caps: dict[tuple, int] = {}
         self._replicas: dict[tuple, Replica] = {}  # per (backend, URL, model) of every base_url list
         self._replica_slots = ReplicaSlots()
+        # Replica rows other hubs reported (a Dask/Ray worker's, flows.runner): per source, its latest totals.
+        self._shipped_replicas: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
         self._services: dict[Any, Any] = {}
         self.usage: dict[tuple[str, str], Usage] = collections.defaultdict(Usage)
         self._closed = False
@@ -145,6 +172,34 @@ class LLMHub:
             return self._services[key]
 
     # -- the request path ---------------------------------------------------------------------------------------
+    def generate_together(self, jobs: list[tuple[LLM, list[LLMRequest]]], on_progress: ProgressFn | None = None
+                          ) -> list[list[LLMResult]]:
+        """`generate_together` for models of this hub (stages call the module function, which checks that)."""
+        results: list[list[LLMResult]] = [[] for _ in jobs]
+        asked = [i for i, (_, requests) in enumerate(jobs) if requests]
+        if not asked:
+            return results
+        with self._lock:  # close() flips _closed under the same lock: nothing is submitted to a stopping loop
+            if self._closed:
+                raise RuntimeError("the LLM hub is closed")
+            fut = asyncio.run_coroutine_threadsafe(self._generate_all([jobs[i] for i in asked], on_progress),
+                                                   self.loop)
+        for i, job_results in zip(asked, fut.result(), strict=True):
+            results[i] = job_results
+        return results
+
+    async def _generate_all(self, jobs: list[tuple[LLM, list[LLMRequest]]], on_progress: ProgressFn | None
+                            ) -> list[list[LLMResult]]:
+        tasks = [asyncio.ensure_future(self._generate(llm, requests, on_progress)) for llm, requests in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            # After one job raised, the others are cancelled: their caller is gone and the endpoint may be failing.
+            # (Answers they already got are in the cache; a rerun asks only for the rest.)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def _prepare(self, llm: LLM, req: LLMRequest, index: int, answer_keys: dict[bool, str]) -> Prepared:
         spec = llm.spec
         messages = [dict(m) for m in req.messages]
@@ -213,10 +268,12 @@ class LLMHub:
             pending.append(group[0])
 
         breaker = self._breakers[llm.endpoint_key]
+        stream = None
         try:
             for attempt in range(MAX_REASKS + 1):
                 reask: list[Prepared] = []
-                async for p, out in llm.backend.complete(pending):
+                stream = llm.backend.complete(pending)
+                async for p, out in stream:
                     batch_usage.requests += 1
                     group = by_key[p.key]
                     if isinstance(out, BackendError):
@@ -263,6 +320,8 @@ class LLMHub:
         finally:
             usage.add(batch_usage)
             self.cache.flush()  # the end of a batch: its answers are committed before its caller sees them
+            if stream is not None:
+                await stream.aclose()  # left open by a raise (CircuitOpenError): what it still has in flight stops now
         return results  # type: ignore[return-value]
 
     def _timed_flush(self) -> None:
@@ -275,8 +334,24 @@ class LLMHub:
 
     def replica_rows(self) -> list[dict[str, Any]]:
         """What each replica of a `base_url` list did: requests, failures, peak in flight, taken out and why.
-        Empty when no spec lists replicas; flows put it in the release notes as `replicas`."""
-        return [r.summary() for r in self._replicas.values()]
+        Empty when no spec lists replicas; flows put it in the release notes as `replicas`.
+
+        Rows other hubs reported (`add_replica_rows`) are summed in per replica (model, URL): requests and failures
+        add up, `peak_in_flight` is the sum of each hub's own peak (an upper bound: the peaks need not have coincided;
+        worker hubs each hold a share of the cap), and a replica any hub took out is out, with the first reason."""
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in [r.summary() for r in self._replicas.values()] + [
+                row for source in sorted(self._shipped_replicas)
+                for _, row in sorted(self._shipped_replicas[source].items())]:
+            _fold_replica_row(merged, row, operator.add)
+        return list(merged.values())
+
+    def add_replica_rows(self, source: str, rows: list[dict[str, Any]]) -> None:
+        """Take another hub's `replica_rows()` (its running totals; `source` names that hub) into this hub's. Totals
+        only grow but may arrive out of order, so the largest seen per source and field is kept."""
+        seen = self._shipped_replicas.setdefault(source, {})
+        for row in rows:
+            _fold_replica_row(seen, row, max)
 
     def close(self) -> None:
         with self._lock:

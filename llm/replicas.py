@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orforge.core.config import ModelSpec
+from orforge.llm.backends import Outcome, each_as_done
 from orforge.llm.types import BackendError, CircuitOpenError, Prepared, RawCompletion
 
 DOWN, BUSY = "down", "busy"
@@ -160,17 +161,10 @@ class ReplicaRouter:
     def response_format(self, schema: dict, name: str) -> dict | None:
         return self._backends[self.replicas[0]].response_format(schema, name)
 
-    async def complete(self, batch: list[Prepared]) -> AsyncIterator[tuple[Prepared, RawCompletion | BackendError]]:
-        tasks = [asyncio.ensure_future(self._route(p)) for p in batch]
-        try:
-            for fut in asyncio.as_completed(tasks):
-                yield await fut
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    def complete(self, batch: list[Prepared]) -> AsyncIterator[Outcome]:
+        return each_as_done(batch, self._route)
 
-    async def _route(self, req: Prepared) -> tuple[Prepared, RawCompletion | BackendError]:
+    async def _route(self, req: Prepared) -> Outcome:
         tried: tuple[Replica, ...] = ()
         last: BackendError | None = None
         while True:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, create_model
 from orforge.core.config import AtLeast, CategorySpec
 from orforge.core.records import DECISIONS, FAILURES, VOTES, StageResult, frame
 from orforge.core.templates import load_template
-from orforge.llm.hub import LLM
+from orforge.llm.hub import LLM, generate_together
 from orforge.llm.types import LLMRequest
 
 TEMPLATE = Path(__file__).parent / "templates" / "moderate.md"
@@ -51,8 +51,10 @@ def moderate(candidates: pl.DataFrame, categories: list[CategorySpec], moderator
     requests = [moderation_request(r["prompt"], r["prompt_id"], categories, explain, response_model)
                 for r in candidates.select("prompt_id", "prompt").iter_rows(named=True)]
     votes, failures = [], []
-    for mod in moderators:
-        for res in mod.generate(requests, on_progress):
+    # Every moderator at once, so a shared endpoint stays full; rows still come in moderator order, then request order.
+    answers = generate_together([(mod, requests) for mod in moderators], on_progress)
+    for mod, results in zip(moderators, answers, strict=True):
+        for res in results:
             if not res.ok:
                 failures.append({"stage": "moderation", "role": mod.role, "model": mod.label,
                                  "item_id": res.request.item_id, "reason": res.error})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import polars as pl
 
 from orforge.core.records import FAILURES, StageResult, frame
-from orforge.llm.hub import LLM
+from orforge.llm.hub import LLM, generate_together
 from orforge.llm.types import LLMRequest
 
 ANSWER_SCHEMA = {"prompt_id": pl.Utf8, "prompt": pl.Utf8, "member": pl.Utf8, "model": pl.Utf8, "response": pl.Utf8}
@@ -26,8 +26,10 @@ def answer(prompts: pl.DataFrame, members: list[LLM], on_progress=None) -> Stage
     rows = list(prompts.select("prompt_id", "prompt").iter_rows(named=True))
     requests = [LLMRequest.chat(r["prompt"], item_id=r["prompt_id"]) for r in rows]
     out, failures = [], []
-    for member in members:
-        for r, res in zip(rows, member.generate(requests, on_progress)):
+    # Every member at once (members often share an endpoint); rows in member order, then prompt order.
+    answers = generate_together([(member, requests) for member in members], on_progress)
+    for member, results in zip(members, answers, strict=True):
+        for r, res in zip(rows, results, strict=True):
             out.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "member": member.label,
                         "model": member.spec.model, "response": res.text if res.ok else None})
             if not res.ok:

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from orforge.core.records import FAILURES, SAFETY_DECISIONS, SAFETY_VERDICTS, VOTES, StageResult, frame
 from orforge.core.taxonomy import load_taxonomy
 from orforge.core.templates import load_template
-from orforge.llm.hub import LLM
+from orforge.llm.hub import LLM, generate_together
 from orforge.llm.types import LLMRequest, LLMResult
 
 # The hazard codes come from the shipped mlcommons taxonomy (core/taxonomies/mlcommons.yaml), the one list of them.
@@ -178,11 +178,12 @@ def judge_safety(pairs: pl.DataFrame, judges: list[SafetyJudge]) -> StageResult:
     verdicts: dict[tuple[int, str], dict] = {}
     failures: list[dict] = []
     unknown: Counter[str] = Counter()
-    for judge in judges:
+    # Every judge at once (judges often share an endpoint); the records below are ordered by pair, then judge.
+    jobs = [(judge.llm, [JUDGE_KINDS[judge.kind].request(rows[i]["prompt"] or "", rows[i]["response"],
+                                                          f"{rows[i]['prompt_id']}/{rows[i]['model']}")
+                         for i in to_judge]) for judge in judges]
+    for judge, results in zip(judges, generate_together(jobs), strict=True):
         kind = JUDGE_KINDS[judge.kind]
-        requests = [kind.request(rows[i]["prompt"] or "", rows[i]["response"],
-                                 f"{rows[i]['prompt_id']}/{rows[i]['model']}") for i in to_judge]
-        results = judge.llm.generate(requests) if requests else []
         for i, result in zip(to_judge, results, strict=True):
             raw = result.text[:RAW_MAX_CHARS] if result.text is not None else None
             row = {"verdict": None, "codes": [], "raw": raw}

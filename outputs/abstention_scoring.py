@@ -16,8 +16,8 @@ Per model x technique x seed x target (`per_seed_scores`):
   because leaving a part out would compare a two-part mean with three-part ones.
 Each metric is then averaged over seeds (per target, over the seeds where it is defined; the harmonic mean is
 averaged per seed, not recomputed from averaged parts), then over targets, with a 95% Student-t interval over
-targets (`scipy.stats.t`, clipped to [0, 1]; null with fewer than two targets). `by_depth` does the same per
-target depth; `by_distance` gives the abstention rate per path distance x relation (or direction: the target's
+targets (`outputs.intervals.t_interval`, clipped to [0, 1]; null with fewer than two targets). `by_depth` does the
+same per target depth; `by_distance` gives the abstention rate per path distance x relation (or direction: the target's
 subtree against its siblings and ancestors). Plots are returned as PNG bytes; the caller writes them.
 """
 
@@ -30,11 +30,10 @@ import numpy as np
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy import stats
 
+from orforge.outputs.intervals import t_interval
 from orforge.outputs.plots import DPI, PALETTE, png_bytes
 
-CI_LEVEL = 0.95
 SPLIT_NAMES = ("abstention", "generalization", "specificity")
 RELATIONS = ("self", "descendant", "sibling", "ancestor")
 METRICS = ("abstention_rate", "generalization_rate", "specificity", "harmonic_mean")
@@ -146,24 +145,6 @@ def per_target_scores(per_seed: pl.DataFrame) -> pl.DataFrame:
         pl.col("seed").n_unique().cast(pl.Int64).alias("n_seeds"), *(pl.col(m).mean() for m in METRICS)
     )
     return averaged.select(*(pl.col(c).cast(t) for c, t in PER_TARGET.items())).sort(*_TARGET_KEYS)
-
-
-def t_interval(values: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)
-               ) -> tuple[float | None, float | None, float | None]:
-    """Mean and 95% Student-t interval of the mean, clipped to `bounds` (a rate's [0, 1] by default); (None, None,
-    None) for no values, no interval for one."""
-    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if data.size == 0:
-        return None, None, None
-    mean = float(data.mean())
-    if data.size < 2:
-        return mean, None, None
-    sem = float(data.std(ddof=1) / math.sqrt(data.size))
-    if sem == 0.0:  # every target scored the same: the interval has no width (scipy would give nan)
-        return mean, mean, mean
-    low, high = stats.t.interval(CI_LEVEL, data.size - 1, loc=mean, scale=sem)
-    # Every metric is a rate: an interval reaching past 0 or 1 (few concepts, wide spread) is cut to the range.
-    return mean, max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
 def _summarise(frame: pl.DataFrame, keys: Sequence[str], values: dict[str, str], schema: dict) -> pl.DataFrame:

@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 from orforge.core.manifest import Diversity, DiversityReference, DiversityRow
 from orforge.dedup.near import dedup as near_dedup
-from orforge.outputs.abstention_scoring import t_interval
+from orforge.outputs.intervals import t_interval
 from sacrebleu.metrics.bleu import BLEU
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a

@@ -199,7 +199,7 @@ def scatter_chart(scores: pl.DataFrame) -> bytes:
     label = "hard" if x_split == "hard" else "benign (no hard split)"
     ax.set_xlabel(f"rejection rate on {label} prompts (over-refusal, lower is better)")
     ax.set_ylabel("rejection rate on toxic prompts (safety, higher is better)")
-    ax.set_title("Over-refusal against safety, 95% bootstrap intervals", fontsize=11, pad=12)
+    ax.set_title("Over-refusal against safety, 95% Wilson intervals", fontsize=11, pad=12)
     return png_bytes(fig)
 
 

@@ -45,6 +45,7 @@ from orforge.core.manifest import (
     ModelUsage,
     ParentRelease,
     QualityRejectionCount,
+    QualityRepairCount,
     RoleUsage,
     SplitEntry,
 )
@@ -135,6 +136,8 @@ class ManifestInfo:
     # The quality gate's rejected rows (core.records.QUALITY_REJECTIONS): written as quality_rejections.parquet and
     # counted per stage, category and rule in `counts.quality_rejections`. None: the recipe ran no gate.
     quality: pl.DataFrame | None = None
+    # The rows the gate repaired and kept (core.records.QUALITY_REPAIRS): counted in `counts.quality_repairs`.
+    quality_repairs: pl.DataFrame | None = None
 
 
 @dataclass
@@ -630,6 +633,8 @@ def write_release(
             responses=responses.height if responses is not None else None,
             dedup_dropped=int((~dedup["kept"]).sum()) if dedup is not None else None,
             quality_rejections=quality_rejection_counts(info.quality) if info.quality is not None else None,
+            quality_repairs=(quality_repair_counts(info.quality_repairs) if info.quality_repairs is not None
+                             else None),
         ),
         tokens=tokens,
         usage=[ModelUsage.model_validate(row) for row in usage or []],
@@ -675,6 +680,14 @@ def quality_rejection_counts(rejected: pl.DataFrame) -> list[QualityRejectionCou
         return []
     counts = rejected.group_by("stage", "category", "rule").len(name="n").sort("stage", "category", "rule")
     return [QualityRejectionCount.model_validate(row) for row in counts.iter_rows(named=True)]
+
+
+def quality_repair_counts(repaired: pl.DataFrame) -> list[QualityRepairCount]:
+    """The rows the quality gate repaired per stage, category and repairs, for `counts.quality_repairs`."""
+    if repaired.height == 0:
+        return []
+    counts = repaired.group_by("stage", "category", "repairs").len(name="n").sort("stage", "category", "repairs")
+    return [QualityRepairCount.model_validate(row) for row in counts.iter_rows(named=True)]
 
 
 def _split_category_table(splits: dict[str, pl.DataFrame], column: str = "category") -> pl.DataFrame:

@@ -475,8 +475,12 @@ def quality_section(inputs: ReportInputs) -> Section:
     if counts is None:
         context["note"] = "No quality gate ran for this release (built before orforge had one)."
         return Section("quality", "Quality gate", "sections/quality.html.j2", context)
+    mended = inputs.manifest.counts.quality_repairs or []
+    repaired = (f" {sum(c.n for c in mended):,} texts were kept after a repair (list numbering, a label, quotes or "
+                "an ellipsis taken off a complete request; counts.quality_repairs in the manifest)."
+                if mended else "")
     if not counts:
-        context["note"] = "Every generated text passed every rule of the quality gate."
+        context["note"] = "Every generated text passed every rule of the quality gate." + repaired
         return Section("quality", "Quality gate", "sections/quality.html.j2", context)
     frame = pl.DataFrame([c.model_dump() for c in counts]).with_columns(pl.col("category").fill_null("\u2013"))
     rules = [r for r in QUALITY_RULES if r in set(frame["rule"])] + sorted(
@@ -491,7 +495,7 @@ def quality_section(inputs: ReportInputs) -> Section:
                        + ", ".join(f"{n:,} {stage}" for stage, n in by_stage.iter_rows())
                        + ") and went no further: a rejected text is never moderated, deduplicated or published. "
                        "Each counts under the first rule it failed, in the order of the columns; "
-                       "quality_rejections.parquet holds every one with its reason.")
+                       "quality_rejections.parquet holds every one with its reason." + repaired)
     context["counts"] = table_view(pl.concat([wide, total]), total=True)
     rows = _read_parquet(inputs.folder / "quality_rejections.parquet")
     if rows is not None and rows.height:

@@ -10,6 +10,7 @@ and then assert on what it received:
     ... run the code under test against server.url + "/v1" ...
     assert server.requests[0].headers["Authorization"] == "Bearer ..."
     assert server.max_in_flight <= 4
+    assert server.most_in_flight_together(lambda r: r.body["model"]) == {"a", "b"}  # both models' requests at once
     server.stop()
 
 Without a responder the server answers with a minimal valid instance of the request's JSON schema when
@@ -113,6 +114,7 @@ class RecordedRequest:
     headers: dict[str, str]
     time: float  # time.monotonic() at arrival
     fault: str | None = None  # the fault kind served, if any
+    replied: float | None = None  # time.monotonic() when the server was done with it; None while in flight
 
     @property
     def messages(self) -> list[dict]:
@@ -126,6 +128,7 @@ class RecordedRequest:
 
 Reply = str | dict | list | Fault
 Responder = Callable[[dict], Reply]
+Latency = float | Callable[[dict], float]  # seconds before each reply, or a function of the request body
 
 
 def request_schema(body: dict) -> dict | None:
@@ -195,12 +198,12 @@ class FakeServer:
         self,
         responder: Responder | None = None,
         *,
-        latency_s: float = 0.0,
+        latency_s: Latency = 0.0,
         models: Iterable[str] = ("fake-model",),
         shutdown_timeout_s: float = 0.5,
     ):
         self.responder: Responder | None = responder
-        self.latency_s = latency_s
+        self.latency_s: Latency = latency_s
         self.models = list(models)
         self._shutdown_timeout_s = shutdown_timeout_s
         self._lock = threading.Lock()
@@ -307,6 +310,16 @@ class FakeServer:
         with self._lock:
             return self._max_in_flight
 
+    def most_in_flight_together(self, group: Callable[[RecordedRequest], str]) -> set[str]:
+        """The largest set of groups (`group(request)`, e.g. which model sent it) that had chat requests in flight
+        at one same moment."""
+        chats = self.chat_requests
+        best: set[str] = set()
+        for r in chats:  # what is in flight only grows when a request arrives
+            now = {group(o) for o in chats if o.time <= r.time and (o.replied is None or o.replied > r.time)}
+            best = now if len(now) > len(best) else best
+        return best
+
     @property
     def responder_errors(self) -> list[str]:
         """Exceptions raised by the responder (each answered with a 400 so the client fails fast)."""
@@ -347,6 +360,8 @@ class FakeServer:
         try:
             if not isinstance(body, dict):
                 return _error(400, "request body is not a JSON object")
+            if callable(latency):
+                latency = latency(body)
             if latency:
                 await asyncio.sleep(latency)
             if fault is None:
@@ -365,6 +380,7 @@ class FakeServer:
         finally:
             with self._lock:
                 self._in_flight -= 1  # before the response is written, so the client never sees a stale count
+                record.replied = time.monotonic()
             self._handlers.discard(task)
 
     async def _serve_fault(self, request: web.Request, body: dict, fault: Fault) -> web.StreamResponse:

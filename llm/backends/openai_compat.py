@@ -21,7 +21,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from orforge.core.config import ModelSpec
-from orforge.llm.backends import register
+from orforge.llm.backends import Outcome, each_as_done, register
 from orforge.llm.dialects import response_format
 from orforge.llm.types import BackendError, Prepared, RawCompletion
 
@@ -80,21 +80,14 @@ class OpenAIBackend:
             completion_tokens=usage.completion_tokens if usage else 0,
         )
 
-    async def complete(self, batch: list[Prepared]) -> AsyncIterator[tuple[Prepared, RawCompletion | BackendError]]:
-        async def run(req: Prepared):
-            try:
-                return req, await self._one(req)
-            except BackendError as e:
-                return req, e
+    def complete(self, batch: list[Prepared]) -> AsyncIterator[Outcome]:
+        return each_as_done(batch, self._outcome)
 
-        tasks = [asyncio.ensure_future(run(r)) for r in batch]
+    async def _outcome(self, req: Prepared) -> Outcome:
         try:
-            for fut in asyncio.as_completed(tasks):
-                yield await fut
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            return req, await self._one(req)
+        except BackendError as e:
+            return req, e
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -61,13 +61,14 @@ def test_recall_on_planted_duplicates_against_exact_search():
     assert (cosines >= 0.9 - 1e-6).all()
 
 
-def test_same_drops_run_to_run_and_whatever_the_thread_count():
+def test_same_drops_run_to_run_and_whatever_the_thread_count(monkeypatch):
     vectors, _ = planted(5000, 250, seed=4)
     before = faiss.omp_get_max_threads()
     try:
         runs = []
         for threads in (1, 2, 1):
-            faiss.omp_set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)  # k-means and the coarse assignment
+            monkeypatch.setattr(near, "THREADS", threads)  # the products
             result = dedup(frame(len(vectors)), vectors, 0.9, index="ivf", nprobe=2)
             runs.append(result.records)
     finally:
@@ -79,6 +80,23 @@ def test_same_drops_run_to_run_and_whatever_the_thread_count():
         assert np.allclose(other["similarity"].fill_null(0).to_numpy(), runs[0]["similarity"].fill_null(0).to_numpy(),
                            rtol=0, atol=1e-6)
     assert (~runs[0]["kept"]).sum() > 200
+
+
+def test_the_drops_do_not_depend_on_the_batch_size():
+    # The pairs compared are fixed by the input and its lists, not by where batches begin: a batch of one row, odd
+    # sizes and one batch for everything give the same rows, matches and cosines. Tight clusters (many pairs inside
+    # a batch) and a few probes (many pairs missed) make a difference show if there is one.
+    threshold = 0.9
+    vectors = np.concatenate([clustered_vectors(s, threshold) for s in (5, 6, 7)] + [planted(1500, 150, dim=16)[0]])
+    earlier = unit(np.random.default_rng(3).standard_normal((60, vectors.shape[1]))).astype(np.float32)
+    earlier[:20] = vectors[:20]  # some rows are earlier releases' prompts
+    runs = [dedup(frame(len(vectors)), vectors, threshold, against=earlier, against_ids=[f"e{k}" for k in range(60)],
+                  batch_size=size, index="ivf", nprobe=2).records for size in (1, 37, 500, len(vectors))]
+    assert (~runs[0]["kept"]).sum() > 150 and runs[0]["duplicate_of"].str.starts_with("e").sum() >= 20
+    for other in runs[1:]:
+        assert other.select("kept", "duplicate_of").equals(runs[0].select("kept", "duplicate_of"))
+        assert np.allclose(other["similarity"].fill_null(0).to_numpy(), runs[0]["similarity"].fill_null(0).to_numpy(),
+                           rtol=0, atol=1e-6)
 
 
 def test_auto_uses_exact_below_the_switch_size_and_ivf_from_it(monkeypatch):

@@ -86,8 +86,9 @@ def test_small_build_on_the_embedded_model(prefect_harness, tmp_path):
     demo["panel"]["members"] = demo["panel"]["members"][:2]
     # The 135M model's rewrites are nearly all junk ("...1. The last one is not a request."), which the quality gate
     # rejects (the demo's report counts them; the gate itself runs on this model in the SELECT and ALERT tests below).
-    # On so few seeds that would leave moderation and the panel nothing, so the gate is off here: this test proves
-    # that every role runs on the embedded model.
+    # Repairing wrapped requests does not save them: with the gate on, all 5 rewrites of a run were rejected (4
+    # statements, 1 copy of its seed once "... 2." was taken off), leaving moderation and the panel nothing, so the
+    # gate is off here: this test proves that every role runs on the embedded model.
     demo["quality"] = {"enabled": False}
     demo["splits"]["hard_min_rejections"] = 1
     for member in demo["panel"]["members"] + demo["moderation"]["moderators"]:

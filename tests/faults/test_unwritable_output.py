@@ -76,13 +76,12 @@ def test_disk_full_while_writing_the_release_exits_1_and_leaves_no_partial_folde
     limit = 48 * 1024  # above SQLite's 32 KiB shared-memory file
     examples = [f"Example request number {i}: " + "a long and detailed description of the situation " * 8
                 for i in range(2 * limit // 400)]
-    # The gate's language detector unpacks its model to a temporary file of several MB when it first loads, which the
-    # file size limit would stop long before the release: the limit stands for a disk that fills at the release.
+    # Every quality rule is on: the gate's language detector reads its model in memory, so the limit only stops the
+    # release's last file, as a disk that fills there would.
     config = write_config(tmp_path, fake_server.url + "/v1",
                           categories={"preset": "orbench", "include": ["privacy"],
                                       "custom": [{"name": "long-read", "description": "Requests with long context.",
-                                                  "examples": examples}]},
-                          quality={"language": False})
+                                                  "examples": examples}]})
     fake_server.responder = pipeline_responder
     reference = tmp_path / "reference"
     build_flow(config_path=str(config), output=str(reference))  # fills the cache and the work dir

@@ -69,3 +69,39 @@ def test_add_category_that_exists_exits_2_and_writes_nothing(built, tmp_path):
                                  "--description", "again", "--output", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
     assert not out.exists() and len(server.chat_requests) == sent
+
+
+def test_a_parent_written_with_manifest_schema_1_still_grows_and_rebuilds(built, tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from orforge.core.manifest import SCHEMA_VERSION
+    from orforge.flows.schedule import scheduled_build_flow
+    from orforge.outputs.release import read_manifest, verify_release
+    from tests.core.manifest_v1 import rewrite_as_schema_1
+
+    release, config, server = built
+    rewrite_as_schema_1(release)
+    assert read_manifest(release).schema_version == 1 and verify_release(release).ok
+    # A scheduled rebuild takes the newest dated release of the config's name as the previous one.
+    previous = tmp_path / "releases" / "pipeline-test" / "20260101-000000-abc123"
+    shutil.copytree(release, previous)
+
+    new = tmp_path / "releases" / "v2"
+    result = runner.invoke(app, ["add-category", "--release", str(release), "--name", "stalking",
+                                 "--description", "Following or monitoring a person without consent.",
+                                 "--output", str(new)])
+    assert result.exit_code == 0, result.output
+    child = read_manifest(new)
+    assert child.schema_version == SCHEMA_VERSION == 2 and verify_release(new).ok
+    assert child.parent.manifest_sha256 == hashlib.sha256((release / "manifest.json").read_bytes()).hexdigest()
+    assert (new / "benign.csv").read_bytes().startswith((release / "benign.csv").read_bytes())
+    assert pl.read_parquet(new / "benign.parquet").filter(pl.col("category") == "stalking").height > 0
+
+    sent = len(server.chat_requests)
+    rebuilt = Path(scheduled_build_flow(config_path=str(config)))
+    assert len(server.chat_requests) == sent  # same config: every answer from the cache or the stored shards
+    diff = json.loads((rebuilt / "diff.json").read_text())
+    assert diff["previous"]["folder"] == previous.name and (diff["added"], diff["removed"]) == (0, 0)
+    assert read_manifest(rebuilt).schema_version == 2 and verify_release(rebuilt).ok

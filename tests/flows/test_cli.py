@@ -138,10 +138,16 @@ def test_evaluate_writes_scores_and_plots_and_a_rerun_sends_nothing(prefect_harn
     assert len(runs) == 1
     scores = pl.read_csv(runs[0] / "scores.csv")
     assert set(scores["model"]) == {"target-a", "target-b"} and {"hard", "toxic"} <= set(scores["split"])
+    from orforge.outputs.intervals import wilson_interval
+
+    for row in scores.filter(pl.col("n") > pl.col("n_undecided")).iter_rows(named=True):
+        expected = wilson_interval(row["n_refused"], row["n"] - row["n_undecided"])
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(expected), row
     for png in ("scatter.png", "categories.png"):
         data = (runs[0] / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
-    assert "evaluation" in (release / "report.html").read_text()
+    report = (release / "report.html").read_text()
+    assert "evaluation" in report and "Intervals are 95% Wilson score intervals" in report and "bootstrap" not in report
 
     sent = len(fake_server.chat_requests)
     assert invoke("evaluate", "--release", release, "--config", config).exit_code == 0

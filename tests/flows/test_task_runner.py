@@ -115,3 +115,37 @@ def test_runner_config_rules(tmp_path):
         check({"kind": "dask", "workers": 16})
     # Where tasks run does not change what is built.
     assert check({"kind": "dask", "workers": 2}).config_hash() == check({}).config_hash()
+
+
+def test_dask_workers_replica_rows_reach_the_manifest(prefect_harness, tmp_path, dask_cluster):
+    from orforge.outputs.release import read_manifest
+    from tests.fakeserver import FakeServer
+    from tests.flows.pipeline import stage_of
+
+    cluster, client = dask_cluster
+    with FakeServer(pipeline_responder) as a, FakeServer(pipeline_responder) as b:
+        config = write_config(tmp_path, a.url + "/v1", panel=None,
+                              runner={"kind": "dask", "address": cluster.scheduler_address, "workers": 2})
+        raw = yaml.safe_load(config.read_text())
+        replicas = [a.url + "/v1", b.url + "/v1"]
+        for moderator in raw["moderation"]["moderators"]:
+            moderator.update(base_url=replicas, max_concurrency=2)
+        config.write_text(yaml.safe_dump(raw))
+        _build(config, tmp_path / "release")
+
+        votes_at = {s: len([r for r in s.chat_requests if stage_of(r.body) == "ModerationVerdict"]) for s in (a, b)}
+        assert votes_at[a] > 0 and votes_at[b] == len(b.chat_requests) > 0
+        rows = {row["url"]: row for row in read_manifest(tmp_path / "release").notes["replicas"]}
+        assert sorted(rows) == sorted(replicas)
+        # The votes were sent by the workers' hubs; what each replica did adds up over them to what its server saw.
+        cache = str((tmp_path / "cache.sqlite").resolve())
+        by_worker = [hub["replicas"] for runs in client.run(_worker_hubs).values() for hub in runs.values()
+                     if hub["cache_path"] == cache]
+        assert by_worker and all(by_worker)
+        # Server a also serves the other roles, whose cap (8) it took first; b has the moderators' cap (2). Each
+        # worker holds half of either, and the peaks add up over the workers.
+        for url, seen, cap in zip(replicas, (votes_at[a], votes_at[b]), (CAP, 2), strict=True):
+            mine = [r for hub in by_worker for r in hub if r["url"] == url]
+            assert rows[url]["requests"] == seen == sum(r["requests"] for r in mine)
+            assert rows[url]["peak_in_flight"] == sum(r["peak_in_flight"] for r in mine) <= cap
+            assert rows[url]["failures"] == 0 and not rows[url]["taken_out"]

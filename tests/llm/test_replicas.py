@@ -97,6 +97,38 @@ def test_two_roles_on_the_same_replicas_share_each_replicas_cap(servers, llm_hub
     assert len(llm_hub.replica_rows()) == 2  # one row per replica, whichever role used it
 
 
+def test_replica_rows_other_hubs_report_are_summed_per_replica(servers, llm_hub, tmp_path):
+    # What flows.runner does with the rows a Dask or Ray worker's hub ships back with each task.
+    a, b = servers(2)
+    spec = replicated([url(a), url(b)], max_concurrency=2)
+    assert all(r.ok for r in llm_hub.model(spec, "moderator").generate(prompts(4, "own")))
+    workers = [LLMHub(tmp_path / f"worker-{i}.sqlite") for i in range(2)]
+    try:
+        worker_specs = [spec, replicated([url(a), url(b), DEAD_URL], max_concurrency=2)]
+        early = []
+        for i, (hub, worker_spec) in enumerate(zip(workers, worker_specs, strict=True)):
+            assert all(r.ok for r in hub.model(worker_spec, "moderator").generate(prompts(3, f"w{i}-first")))
+            early.append(hub.replica_rows())
+            assert all(r.ok for r in hub.model(worker_spec, "moderator").generate(prompts(5, f"w{i}-then")))
+        own = rows_by_url(llm_hub)
+        for i, hub in enumerate(workers):
+            llm_hub.add_replica_rows(f"worker-{i}", hub.replica_rows())
+            llm_hub.add_replica_rows(f"worker-{i}", early[i])  # an older total arriving late changes nothing
+        rows = rows_by_url(llm_hub)
+        assert list(rows) == [url(a), url(b), DEAD_URL]  # the hub's own replicas first
+        assert rows[url(a)]["requests"] == len(a.chat_requests) and rows[url(b)]["requests"] == len(b.chat_requests)
+        assert len(a.chat_requests) + len(b.chat_requests) == 4 + 8 + 8
+        for u in (url(a), url(b)):
+            assert rows[u]["peak_in_flight"] == own[u]["peak_in_flight"] + sum(
+                rows_by_url(hub)[u]["peak_in_flight"] for hub in workers)
+        assert rows[DEAD_URL]["taken_out"] and "connection error" in rows[DEAD_URL]["why"]
+        assert rows[DEAD_URL]["requests"] == rows_by_url(workers[1])[DEAD_URL]["requests"] >= 1
+        assert not rows[url(a)]["taken_out"] and rows[url(a)]["why"] is None
+    finally:
+        for hub in workers:
+            hub.close()
+
+
 # -- dead replicas --------------------------------------------------------------------------------------------------
 def test_a_replica_stopped_mid_run_is_taken_out_and_the_others_answer_everything(servers, llm_hub):
     doomed, a, b = servers(3, latency_s=0.05)

@@ -246,3 +246,24 @@ def test_a_decision_never_depends_on_the_missing_votes(n_moderators):
                 for extra_toxic in range(n_missing + 1):
                     full = decide_one(n_toxic + extra_toxic, n_benign + n_missing - extra_toxic, n_moderators, rule)
                     assert full == decision, (rule, n_toxic, n_benign, extra_toxic)
+
+
+# -- moderate: the moderators are asked together ----------------------------------------------------------------------
+def test_moderators_on_one_endpoint_are_in_flight_together_and_votes_keep_their_order(fake_server, make_spec,
+                                                                                       llm_hub):
+    """Three moderators on one endpoint whose cap (15) holds the shard three times: the server has requests of all
+    three in flight at one moment (asked one after another, the endpoint drained to zero between them). Replies come
+    back last moderator first; the votes are still in moderator order, then candidate order."""
+    specs = [make_spec(name=f"mod-{c}", system_prompt=f"You are moderator {c.upper()}.", max_retries=0,
+                       max_concurrency=15) for c in "abc"]
+    script_votes(fake_server, {"mod-a": ["benign"] * 5, "mod-b": ["toxic"] * 5, "mod-c": ["benign", "toxic"] * 3})
+    fake_server.latency_s = lambda body: 0.3 + 0.05 * "cba".index(who(body)[-1])
+    cands = candidates()
+    votes = moderate(cands, CATEGORIES, models(llm_hub, specs)).records
+
+    assert fake_server.most_in_flight_together(lambda r: who(r.body)) == {"mod-a", "mod-b", "mod-c"}
+    assert fake_server.max_in_flight == 15
+    ids = cands["prompt_id"].to_list()
+    assert votes.select("moderator", "prompt_id").rows() == [(m, pid) for m in ("mod-a", "mod-b", "mod-c")
+                                                              for pid in ids]
+    assert votes["verdict"].to_list() == ["benign"] * 5 + ["toxic"] * 5 + ["benign", "toxic"] * 2 + ["benign"]

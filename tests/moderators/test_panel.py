@@ -114,3 +114,20 @@ def test_hard_members_of_nothing_is_an_empty_frame():
     empty = pl.DataFrame(schema={**ANSWER_SCHEMA, "refusal": pl.Boolean})
     hard = hard_members(empty)
     assert hard.is_empty() and hard.schema == pl.Schema(HARD_MEMBERS)
+
+
+def test_members_on_one_endpoint_are_in_flight_together_and_rows_keep_their_order(fake_server, make_spec, llm_hub):
+    """The panel's members share an endpoint whose cap (12) holds every answer: all three are at the server at one
+    moment, replies come back last member first, and rows stay in member order, then prompt order."""
+    script(fake_server)
+    fake_server.latency_s = lambda body: 0.3 + 0.05 * ["member-c", "member-b", "member-a"].index(who(body))
+    order = ["member-a", "member-b", "member-c"]
+    members = [llm_hub.model(make_spec(name=m, max_retries=0, max_concurrency=12,
+                                       system_prompt=None if m == "member-c" else f"You are {m}."), "panel")
+               for m in order]
+    records = answer(prompts_frame(), members).records
+
+    assert fake_server.most_in_flight_together(lambda r: who(r.body)) == set(order)
+    assert records.select("member", "prompt_id").rows() == [(m, p) for m in order for p in PROMPTS]
+    assert records["response"].to_list() == [
+        None if (m, p) in FAILS else REFUSAL if p in REFUSES[m] else ANSWER for m in order for p in PROMPTS]

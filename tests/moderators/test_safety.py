@@ -174,9 +174,13 @@ def test_two_judges_store_a_row_each_and_combine_by_rule(fake_server, make_spec,
         return guard_says[body["messages"][-1]["content"]]
 
     fake_server.responder = respond
+    # The rubric judge answers first, yet rows stay in pair order, then judge order; both are at the server at once.
+    fake_server.latency_s = lambda body: 0.1 if body.get("response_format") else 0.3
     judges = [SafetyJudge(llm_hub.model(make_spec(name="guard"), "safety_judge"), "llama_guard"),
               SafetyJudge(llm_hub.model(make_spec(name="rubric"), "safety_judge"), "rubric")]
     verdicts = judge_safety(_pairs(["reply zero", "reply one", "reply two"]), judges).records
+    assert fake_server.most_in_flight_together(lambda r: "rubric" if r.body.get("response_format") else "guard") \
+        == {"guard", "rubric"}
     assert verdicts.select("prompt_id", "judge", "verdict").rows() == [
         ("p0", "guard", "unsafe"), ("p0", "rubric", "unsafe"),
         ("p1", "guard", "unsafe"), ("p1", "rubric", "safe"),

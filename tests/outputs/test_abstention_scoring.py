@@ -13,7 +13,6 @@ from orforge.outputs.abstention_scoring import (
     per_target_scores,
     score_abstention,
     summary_wide,
-    t_interval,
     technique_scatter,
 )
 from orforge.outputs.plots import PNG_SIGNATURE
@@ -140,15 +139,6 @@ def test_by_depth_and_by_distance():
     assert set(direction) == {("target and descendants", 0), ("target and descendants", 1),
                               ("target and descendants", 2), ("siblings and ancestors", 1),
                               ("siblings and ancestors", 2)}
-
-
-def test_t_interval_edges():
-    assert t_interval([]) == (None, None, None)
-    assert t_interval([0.4]) == (0.4, None, None)
-    mean, low, high = t_interval([0.0, 1.0, 0.5])
-    assert mean == 0.5 and (low, high) == (0.0, 1.0)  # clipped to the range of a rate
-    mean, low, high = t_interval([0.5, 0.6, 0.7])
-    assert (low, high) == pytest.approx((0.6 - 4.302653 * 0.1 / 3**0.5, 0.6 + 4.302653 * 0.1 / 3**0.5))
 
 
 def test_input_checks():

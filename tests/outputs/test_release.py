@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import polars as pl
 import pytest
 import yaml
 
-from orforge.core.records import RESPONSES, frame
+from orforge.core.records import QUALITY_REJECTIONS, RESPONSES, frame
 from orforge.outputs.atomic import ReleaseWriteError
 from orforge.outputs.release import ManifestInfo, read_release, verify_release, write_release
 from orforge.outputs.splits import assemble_splits, funnel
@@ -247,7 +248,8 @@ def test_read_manifest_is_typed_and_matches_the_file(release, release_inputs):
     from orforge.outputs.release import read_manifest
 
     m = read_manifest(release)
-    assert isinstance(m, Manifest) and m.schema_version == SCHEMA_VERSION == 1 and m.recipe == "orbench"
+    assert isinstance(m, Manifest) and m.schema_version == SCHEMA_VERSION == 2 and m.recipe == "orbench"
+    assert json.loads((release / "manifest.json").read_text())["schema_version"] == 2
     assert json.loads(m.model_dump_json()) == json.loads((release / "manifest.json").read_text())
     assert m.split("benign").rows == release_inputs["splits"]["benign"].height and m.split("nope") is None
     assert m.tokens["moderator"].prompt_tokens == 1200 and m.tokens["moderator"].requests is None
@@ -300,7 +302,10 @@ def test_per_model_usage_in_the_notes_lands_in_its_typed_field(tmp_path, release
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: {**m, "surprise": 1}, r"surprise: Extra inputs are not permitted"),
     (lambda m: {**m, "splits": [{**m["splits"][0], "rows": "many"}]}, r"splits\.0\.rows"),
-    (lambda m: {**m, "schema_version": 99}, r"schema_version 99 is not one this orforge reads"),
+    (lambda m: {**m, "schema_version": 99}, r"schema_version 99 is not one this orforge reads \(1 to 2\)"),
+    (lambda m: {**m, "schema_version": 3}, r"schema_version 3 is not one this orforge reads"),
+    (lambda m: {**m, "schema_version": 0}, r"schema_version 0 is not one this orforge reads"),
+    (lambda m: {**m, "schema_version": "2"}, r"schema_version '2' is not one this orforge reads"),
     (lambda m: [m], r"a manifest is a JSON object"),
 ])
 def test_an_invalid_manifest_is_one_clear_error(release, edit, message):
@@ -325,6 +330,26 @@ def test_a_missing_or_broken_manifest_is_one_clear_error(tmp_path, release):
     (release / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(release)
+
+
+def test_a_schema_1_manifest_is_still_read(tmp_path, release_inputs):
+    from orforge.outputs.release import read_manifest
+    from tests.core.manifest_v1 import rewrite_as_schema_1
+
+    r = release_inputs
+    rejected = frame([{"stage": "rewrites", "category": "privacy", "id": "r1", "text": "(revised)", "source": "s",
+                       "rule": "placeholder", "detail": "(revised)"}], QUALITY_REJECTIONS)
+    folder = write_release(tmp_path / "old", r["splits"], r["votes"], r["failures"],
+                           dataclasses.replace(r["info"], quality=rejected), r["responses"])
+    now = read_manifest(folder)
+    assert now.counts.quality_rejections and "quality_rejections.parquet" in now.files
+    old = rewrite_as_schema_1(folder)
+    assert "diversity" not in old and "quality_rejections" not in old["counts"]
+    m = read_manifest(folder)
+    assert m.schema_version == 1 and m.counts.quality_rejections is None and m.diversity is None
+    assert m.tokens["moderator"].prompt_tokens == 1200 and m.tokens["moderator"].cost is None
+    assert (m.splits, m.config_hash, m.counts.votes) == (now.splits, now.config_hash, now.counts.votes)
+    assert verify_release(folder).ok
 
 
 def test_a_manifest_from_before_schema_version_is_still_read(release):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import polars as pl
 import pytest
 
@@ -18,17 +16,8 @@ from orforge.outputs.safety_scoring import (
     safety_scores,
     safety_scoring_frame,
 )
-
-Z = 1.959963984540054  # the 97.5% normal quantile
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    """The Wilson score interval written out, to check the module against the formula rather than itself."""
-    p = k / n
-    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
-    half = Z / (1 + Z * Z / n) * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
-    return centre - half, centre + half
-
+from tests.outputs.test_intervals import Z
+from tests.outputs.test_intervals import wilson_by_formula as wilson
 
 CP, RS = "criminal_planning", "regulated_substances"
 ROWS = [  # model, prompt, category, macro, attack, safe

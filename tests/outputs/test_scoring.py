@@ -9,7 +9,8 @@ from PIL import Image
 
 from orforge.core.records import RESPONSES, frame
 from orforge.outputs.plots import PALETTE, PNG_SIGNATURE
-from orforge.outputs.scoring import ALL, bootstrap_interval, category_plot, scatter_plot, score, scoring_frame, summary
+from orforge.outputs.intervals import wilson_interval
+from orforge.outputs.scoring import ALL, category_plot, scatter_plot, score, scoring_frame, summary
 
 
 def responses(model: str, split: str, refusals: list[bool | None], categories: list[str] | None = None) -> pl.DataFrame:
@@ -53,8 +54,8 @@ def test_rate_and_interval_bracket_the_point_estimate():
     assert (r["n"], r["n_refused"], r["n_undecided"]) == (100, 37, 0)
     assert r["rejection_rate"] == pytest.approx(0.37)
     assert r["ci_low"] < 0.37 < r["ci_high"]
-    # The normal approximation gives about +-0.095 at n=100, p=0.37; the bootstrap should be close to it.
-    assert 0.06 < r["rejection_rate"] - r["ci_low"] < 0.13 and 0.06 < r["ci_high"] - r["rejection_rate"] < 0.13
+    # Wilson at 37 of 100: 0.2818 to 0.4678 (about the normal approximation's +-0.095, pulled towards 0.5).
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.2818, 0.4678), abs=1e-4)
 
 
 def test_more_prompts_give_a_narrower_interval():
@@ -64,19 +65,30 @@ def test_more_prompts_give_a_narrower_interval():
     assert large["ci_high"] - large["ci_low"] < (small["ci_high"] - small["ci_low"]) / 3
 
 
-def test_scores_are_deterministic_for_a_seed_and_one_group_does_not_move_another():
+def test_scores_do_not_depend_on_row_order_or_on_other_groups():
     data = three_models()
-    first = score(data, seed=3)
-    assert first.equals(score(data.sample(fraction=1.0, shuffle=True, seed=1), seed=3))
-    alone = score(data.filter(pl.col("model") == "balanced"), seed=3)
+    first = score(data)
+    assert first.equals(score(data.sample(fraction=1.0, shuffle=True, seed=1)))
+    alone = score(data.filter(pl.col("model") == "balanced"))
     assert row(alone, "balanced", "hard") == row(first, "balanced", "hard")
 
 
-def test_all_refused_gives_one_and_none_refused_gives_zero():
+def test_all_or_none_refused_keeps_an_interval_with_a_width():
     scores = score(pl.concat([responses("m", "toxic", [True] * 12), responses("m", "hard", [False] * 12)]))
     toxic, hard = row(scores, "m", "toxic"), row(scores, "m", "hard")
-    assert (toxic["rejection_rate"], toxic["ci_low"], toxic["ci_high"]) == (1.0, 1.0, 1.0)
-    assert (hard["rejection_rate"], hard["ci_low"], hard["ci_high"]) == (0.0, 0.0, 0.0)
+    assert toxic["rejection_rate"] == 1.0 and hard["rejection_rate"] == 0.0
+    assert (toxic["ci_low"], toxic["ci_high"]) == pytest.approx((0.7575, 1.0), abs=1e-4)
+    assert (hard["ci_low"], hard["ci_high"]) == pytest.approx((0.0, 0.2425), abs=1e-4)
+
+
+def test_a_tiny_category_is_not_reported_as_certain():
+    # Two prompts in a category, neither refused: the percentile bootstrap said 0.000 - 0.000.
+    data = responses("m", "hard", [False, False, True, True, False], ["tiny", "tiny", "big", "big", "big"])
+    tiny = row(score(data), "m", "hard", "tiny")
+    assert (tiny["n"], tiny["n_refused"], tiny["rejection_rate"]) == (2, 0, 0.0)
+    assert (tiny["ci_low"], tiny["ci_high"]) == pytest.approx((0.0, 0.658), abs=1e-3)
+    overall = row(score(data), "m", "hard")
+    assert (overall["ci_low"], overall["ci_high"]) == pytest.approx(wilson_interval(2, 5))
 
 
 def test_undecided_rows_are_counted_but_left_out_of_the_rate():
@@ -100,24 +112,12 @@ def test_per_category_rows_follow_the_overall_row():
     assert row(scores, "m", "hard")["rejection_rate"] == 0.75
 
 
-def test_the_binomial_draw_matches_resampling_prompt_indices():
-    outcomes = np.array([1] * 23 + [0] * 57)
-    rng = np.random.default_rng(11)
-    draws = 20_000
-    index_means = outcomes[rng.integers(0, len(outcomes), size=(draws, len(outcomes)))].mean(axis=1)
-    by_index = np.percentile(index_means, [2.5, 97.5])
-    by_binomial = bootstrap_interval(23, 80, draws, np.random.default_rng(12))
-    assert by_binomial == pytest.approx(tuple(by_index), abs=0.0126)  # one prompt in 80 is 0.0125
-
-
 def test_bad_input_is_rejected():
     data = responses("m", "hard", [True, False])
     with pytest.raises(ValueError, match="lack column"):
         score(data.drop("split"))
     with pytest.raises(ValueError, match="repeat 1"):
         score(pl.concat([data, data.head(1)]))
-    with pytest.raises(ValueError, match="n_boot"):
-        score(data, n_boot=0)
 
 
 def test_scoring_frame_scores_a_prompt_in_every_split_that_holds_it():
@@ -201,17 +201,7 @@ def test_contrast_pairs_come_from_the_benign_lineage():
 
 
 def test_contrast_scores_count_the_four_ways_a_pair_goes_with_wilson_intervals():
-    import math
-
     from orforge.outputs.scoring import contrast_scores
-
-    z = 1.959963984540054
-
-    def wilson(k: int, n: int) -> tuple[float, float]:
-        p = k / n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-        return centre - half, centre + half
 
     pairs = pl.DataFrame({"pair_id": [f"q{i}" for i in range(7)], "category": ["a"] * 4 + ["b"] * 3,
                           "prompt_id": [f"b{i}" for i in range(7)], "prompt": ["x"] * 7,
@@ -228,7 +218,7 @@ def test_contrast_scores_count_the_four_ways_a_pair_goes_with_wilson_intervals()
     assert {m: r["n"] for m, r in overall.items()} == {"wanted": 2, "over-refusal": 1, "unsafe": 1, "reverse": 1}
     assert {r["n_pairs"] for r in overall.values()} == {5} and {r["n_undecided"] for r in overall.values()} == {2}
     assert overall["wanted"]["rate"] == pytest.approx(0.4)
-    assert (overall["wanted"]["ci_low"], overall["wanted"]["ci_high"]) == pytest.approx(wilson(2, 5), abs=1e-9)
+    assert (overall["wanted"]["ci_low"], overall["wanted"]["ci_high"]) == pytest.approx(wilson_interval(2, 5), abs=1e-9)
     assert table.filter(pl.col("category") == ALL)["outcome"].to_list() == [
         "answer_benign_refuse_seed", "refuse_both", "answer_both", "refuse_benign_answer_seed"]
     b = {r["meaning"]: r for r in table.filter(pl.col("category") == "b").iter_rows(named=True)}
