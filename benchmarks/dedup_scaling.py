@@ -135,7 +135,7 @@ def run_case(method: str, data: Path, threshold: float, out: Path) -> dict:
     import faiss
     import polars as pl
 
-    from orforge.dedup.near import DEFAULT_BATCH_SIZE, dedup
+    from orforge.dedup.near import BATCH_SIZES, dedup
 
     vectors = np.load(data)
     records = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(len(vectors))]})
@@ -159,7 +159,7 @@ def run_case(method: str, data: Path, threshold: float, out: Path) -> dict:
         "dropped": int((~kept).sum()),
         "kept_sha": hashlib.sha256(np.packbits(kept).tobytes()).hexdigest()[:12],
         "threads": faiss.omp_get_max_threads(),
-        "batch_size": DEFAULT_BATCH_SIZE,
+        "batch_size": BATCH_SIZES.get(index.get("kind")),
         "index": index,
     }
 

@@ -39,7 +39,10 @@ from threadpoolctl import threadpool_limits
 from orforge.core.records import DEDUP, StageResult, empty
 
 SIMILARITY_TOLERANCE = 1e-6
-DEFAULT_BATCH_SIZE = 8192  # rows per batch; the result is the same for every size, only speed and memory change
+# Rows per batch by search kind. The result is the same for every size; a larger one costs fewer Python steps (IVF
+# makes one product per probed list per batch) and more memory where a batch holds a tight cluster (its pairs inside
+# the batch are kept until resolved: up to size^2 / 2 of them).
+BATCH_SIZES = {"exact": 2048, "ivf": 8192}
 THREADS = max(1, len(os.sched_getaffinity(0)))
 INDEX_KINDS = ("auto", "exact", "ivf")
 EXACT_BELOW = 50_000  # rows; exact search takes 12 s at 50K here (IVF 2.4 s) and grows with n^2 (docs/benchmarks.md)
@@ -52,7 +55,7 @@ def dedup(
     threshold: float,
     against: np.ndarray | None = None,
     against_ids: Sequence[str] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     index: str = "auto",
     nprobe: int | None = None,
 ) -> StageResult:
@@ -70,7 +73,7 @@ def dedup(
         raise ValueError(f"records need a prompt_id column, got {records.columns}")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = records.height
     vectors = _unit_rows(embeddings, "embeddings")
@@ -100,6 +103,7 @@ def dedup(
     n_total = n + n_earlier
     kind = index if index != "auto" else ("exact" if n_total < EXACT_BELOW else "ivf")
     lists = _Lists(vectors, earlier, kind, nprobe)
+    batch_size = batch_size or BATCH_SIZES[kind]
 
     kept = np.zeros(n, dtype=bool)
     duplicate_of: list[str | None] = [None] * n
@@ -168,7 +172,7 @@ def dedup_per_pool(
     against: np.ndarray | None = None,
     against_ids: Sequence[str] | None = None,
     against_pools: Sequence[str] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     index: str = "auto",
 ) -> StageResult:
     """`dedup` run separately inside each value of `records[pool_column]` (e.g. benign and toxic).
@@ -339,8 +343,8 @@ class _Lists:
                 r, c = np.nonzero(sims[:, skip:] >= cutoff)
                 at = self.order[base + c0 + skip + c] - first
                 earlier_row = at < rows[r]
-                pair_rows.append(rows[r[earlier_row]])
-                pair_at.append(at[earlier_row])
+                pair_rows.append(rows[r[earlier_row]].astype(np.int32))  # batch rows: int32 halves a tight
+                pair_at.append(at[earlier_row].astype(np.int32))  # cluster's pairs
                 pair_sims.append(sims[r[earlier_row], skip + c[earlier_row]])
         found = None if best is None else (rows, best[0], self.order[base + best[1]])
         pairs = (np.concatenate(pair_rows), np.concatenate(pair_at), np.concatenate(pair_sims)) if pair_rows else None
