@@ -107,3 +107,17 @@ def write_config(tmp_path: Path, base_url: str, **overrides) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def rebuild_with_quality(config: Path, fake_server, output: Path, quality: dict) -> Path:
+    """The build of `config` again with `quality:` set to `quality`, into `output`; asserts that it asked the model
+    for no seed or rewrite (gate settings are in no generation shard's key). Returns the new release folder."""
+    from orforge.flows.build import build_flow
+
+    sent = len(fake_server.chat_requests)
+    raw = yaml.safe_load(config.read_text())
+    raw["quality"] = quality
+    config.write_text(yaml.safe_dump(raw))
+    build_flow(config_path=str(config), output=str(output))
+    assert not [r for r in fake_server.chat_requests[sent:] if stage_of(r.body) in ("SeedPrompts", "Rewrites")]
+    return output

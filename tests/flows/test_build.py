@@ -7,11 +7,10 @@ import shutil
 
 import polars as pl
 import pytest
-import yaml
 
 from orforge.core.config import stable_hash
 from orforge.core.templates import normalize
-from tests.flows.pipeline import _h, _user, pipeline_responder, stage_of, write_config
+from tests.flows.pipeline import _h, _user, pipeline_responder, rebuild_with_quality, stage_of, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -179,14 +178,7 @@ def test_junk_rewrites_are_gated_counted_and_shown(prefect_harness, fake_server,
 
     # Gate settings are not in the generation shards' keys: switching a rule off asks the model nothing new, and
     # the rewrites equal to their seed now go on to moderation.
-    sent = len(fake_server.chat_requests)
-    raw = yaml.safe_load(config.read_text())
-    raw["quality"] = {"same_as_source": False}
-    config.write_text(yaml.safe_dump(raw))
-    again = tmp_path / "again"
-    build_flow(config_path=str(config), output=str(again))
-    new_requests = fake_server.chat_requests[sent:]
-    assert not [r for r in new_requests if stage_of(r.body) in ("SeedPrompts", "Rewrites")]
+    again = rebuild_with_quality(config, fake_server, tmp_path / "again", {"same_as_source": False})
     kept = pl.read_parquet(again / "candidates.parquet")
     assert kept.filter(pl.col("prompt") == pl.col("seed")).height == len(expected["same_as_source"])
     assert "same_as_source" not in {r.rule for r in read_manifest(again).counts.quality_rejections}

@@ -7,10 +7,9 @@ from __future__ import annotations
 import re
 
 import polars as pl
-import yaml
 from orforge.generators import rewrites, seeds
 
-from tests.flows.pipeline import _h, _user, pipeline_responder, stage_of, write_config
+from tests.flows.pipeline import _h, _user, pipeline_responder, rebuild_with_quality, stage_of, write_config
 
 
 def _wrap(text: str, i: int) -> str:
@@ -77,13 +76,7 @@ def test_wrapped_requests_are_kept_repaired_with_new_ids(prefect_harness, fake_s
     assert f"{sum(repaired.values())} texts were kept after a repair" in html[start:html.index("</section>", start)]
 
     # The repair is a gate setting, in no shard key: switched off, nothing new is asked and the wrapped rows fail.
-    sent = len(fake_server.chat_requests)
-    raw = yaml.safe_load(config.read_text())
-    raw["quality"] = {"repair": False}
-    config.write_text(yaml.safe_dump(raw))
-    again = tmp_path / "again"
-    build_flow(config_path=str(config), output=str(again))
-    assert not [r for r in fake_server.chat_requests[sent:] if stage_of(r.body) in ("SeedPrompts", "Rewrites")]
+    again = rebuild_with_quality(config, fake_server, tmp_path / "again", {"repair": False})
     manifest = read_manifest(again)
     assert manifest.counts.quality_repairs == []
     assert {(r.stage, r.rule) for r in manifest.counts.quality_rejections} == {("seeds", "placeholder"),
